@@ -78,9 +78,7 @@ def arm(source: str) -> None:
 def state() -> PatchState:
     """The layer's state in this process (copy)."""
     with _lock:
-        return PatchState(
-            list(_state.armed_by), list(_state.applied), list(_state.failed), _state.refused
-        )
+        return PatchState(list(_state.armed_by), list(_state.applied), list(_state.failed), _state.refused)
 
 
 def _apply(patch: Patch, module) -> None:

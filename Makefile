@@ -1,0 +1,20 @@
+# One command each: `make demo` sets up and runs the main demo, `make test` sets up and runs the tests.
+# Both create/refresh the virtual environment at .venv/ first (fast when it is up to date).
+PY := .venv/bin/python
+
+.PHONY: install demo test lint
+
+install:
+	bash scripts/install.sh
+
+demo: install
+	$(PY) examples/offline_inference/basic_generate.py
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# pytest exits 5 when it collects no test: report it instead of failing.
+test: lint
+	$(PY) -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
