@@ -8,6 +8,107 @@ signature of every vLLM callable listed in ``wraps``. Add a change here or nowhe
 from vllm_omni.patch.registry import Patch
 
 PATCHES: tuple[Patch, ...] = (
+    # --- Multimodal-embedding return (docs/features/mm_embedding_return.md) ---
+    Patch(
+        name="mm_config_field",
+        module="vllm.config.multimodal",
+        apply="vllm_omni.config.multimodal:swap_multimodal_config",
+        target="vllm.config.multimodal:MultiModalConfig -> OmniMultiModalConfig",
+        reason="MultiModalConfig gains enable_return_mm_embedding (pydantic config, extra fields "
+        "forbidden): a subclass with the documented field, in place before vllm.config imports it.",
+        before_first_use=True,
+        vllm_tests=("tests/test_config.py",),
+    ),
+    Patch(
+        name="mm_engine_args",
+        module="vllm.engine.arg_utils",
+        apply="vllm_omni.engine.arg_utils:swap_engine_args",
+        target="vllm.engine.arg_utils:EngineArgs/AsyncEngineArgs -> Omni subclasses",
+        reason="LLM(..., enable_return_mm_embedding=True), EngineArgs, AsyncEngineArgs and "
+        "`vllm serve --enable-return-mm-embedding` need the argument; EngineArgs(**kwargs) rejects "
+        "unknown keywords before any plugin runs.",
+        before_first_use=True,
+        wraps=(
+            "vllm.engine.arg_utils:EngineArgs.add_cli_args",
+            "vllm.engine.arg_utils:EngineArgs.create_model_config",
+        ),
+        vllm_tests=("tests/engine/test_arg_utils.py",),
+    ),
+    Patch(
+        name="mm_completion_output",
+        module="vllm.outputs",
+        apply="vllm_omni.outputs:patch_outputs",
+        target="vllm.outputs:CompletionOutput -> OmniCompletionOutput; RequestOutput.add",
+        reason="CompletionOutput gains mm_embedding and mm_embedding_items; merged streaming "
+        "outputs must keep them.",
+        before_first_use=True,
+        wraps=("vllm.outputs:RequestOutput.add",),
+        vllm_tests=("tests/test_outputs.py", "tests/v1/test_outputs.py"),
+    ),
+    Patch(
+        name="mm_engine_core_output",
+        module="vllm.v1.engine",
+        apply="vllm_omni.v1.engine.outputs:swap_engine_core_outputs",
+        target="vllm.v1.engine:EngineCoreOutput(s) -> Omni subclasses with mm_embedding",
+        reason="The embedding travels EngineCore -> frontend with the request's output (msgspec "
+        "struct, zero-copy tensor buffer); msgspec structs cannot gain a field in place.",
+        before_first_use=True,
+        vllm_tests=("tests/v1/test_serial_utils.py",),
+    ),
+    Patch(
+        name="mm_capture_model_runner",
+        module="vllm.v1.worker.gpu_model_runner",
+        apply="vllm_omni.v1.worker.mm_embedding_capture:patch_model_runner",
+        target="vllm.v1.worker.gpu_model_runner:GPUModelRunner (base of CPUModelRunner)",
+        reason="Capture each request's encoder outputs from the encoder cache when they are gathered "
+        "(encoder runs, cache hits, chunked prefill) and send them on ModelRunnerOutput.",
+        wraps=(
+            "vllm.v1.worker.gpu_model_runner:GPUModelRunner._gather_mm_embeddings",
+            "vllm.v1.worker.gpu_model_runner:GPUModelRunner._update_states",
+            "vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model",
+            "vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens",
+        ),
+        vllm_tests=(
+            "tests/v1/worker/test_gpu_model_runner_mm_gather.py",
+            "tests/v1/worker/test_encoder_runner.py",
+        ),
+    ),
+    Patch(
+        name="mm_collect_scheduler",
+        module="vllm.v1.core.sched.scheduler",
+        apply="vllm_omni.v1.core.sched.mm_embedding:patch_scheduler",
+        target="vllm.v1.core.sched.scheduler:Scheduler.update_from_output, _free_request",
+        reason="Collect items per request in the EngineCore and attach them, once, to the request's "
+        "first output after all arrived; forget finished and aborted requests.",
+        wraps=(
+            "vllm.v1.core.sched.scheduler:Scheduler.update_from_output",
+            "vllm.v1.core.sched.scheduler:Scheduler._free_request",
+        ),
+        vllm_tests=("tests/v1/core/test_scheduler.py", "tests/v1/core/test_encoder_cache_manager.py"),
+    ),
+    Patch(
+        name="mm_input_processor",
+        module="vllm.v1.engine.input_processor",
+        apply="vllm_omni.v1.engine.input_processor:patch_input_processor",
+        target="vllm.v1.engine.input_processor:InputProcessor.process_inputs",
+        reason="Reject bad per-request mm_embedding options in the caller's process; requests that "
+        "get embeddings skip prefix-cache reads so every item is gathered.",
+        wraps=("vllm.v1.engine.input_processor:InputProcessor.process_inputs",),
+    ),
+    Patch(
+        name="mm_output_processor",
+        module="vllm.v1.engine.output_processor",
+        apply="vllm_omni.v1.engine.output_processor:patch_output_processor",
+        target="vllm.v1.engine.output_processor:RequestState -> OmniRequestState; "
+        "OutputProcessor.process_outputs",
+        reason="Deliver EngineCoreOutput.mm_embedding into CompletionOutput per output kind.",
+        wraps=(
+            "vllm.v1.engine.output_processor:OutputProcessor.process_outputs",
+            "vllm.v1.engine.output_processor:RequestState._new_completion_output",
+        ),
+        vllm_tests=("tests/v1/engine/test_output_processor.py",),
+    ),
+    # --- Diagnostics and compatibility ---
     Patch(
         name="engine_core_patch_report",
         module="vllm.v1.engine.core",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -33,6 +34,9 @@ class Patch:
         reason: Why the change is needed (what upstream lacks).
         wraps: ``"module:qualname"`` of every vLLM callable the patch wraps or calls into; the canary
             test pins their signatures so a vLLM upgrade fails in CI instead of in production.
+        before_first_use: The patch replaces a class that other vLLM modules import by name, so it
+            must apply right after ``module`` executes; where ``module`` was imported before the layer
+            was armed (no start-up hook in that process) it is refused with an error instead.
         vllm_tests: vLLM's own test files (paths in its source tree) that cover ``target``;
             ``scripts/vllm_upstream_tests.py`` runs them with and without the layer.
     """
@@ -43,6 +47,7 @@ class Patch:
     target: str
     reason: str
     wraps: tuple[str, ...] = ()
+    before_first_use: bool = False
     vllm_tests: tuple[str, ...] = ()
 
 
@@ -75,6 +80,9 @@ def arm(source: str) -> None:
     if not first:
         return
     for patch in PATCHES:
+        if patch.before_first_use and patch.module in sys.modules:
+            _refuse_late(patch)
+            continue
         hook.when_imported(patch.module, lambda module, patch=patch: _apply(patch, module))
 
 
@@ -97,6 +105,17 @@ def _apply(patch: Patch, module) -> None:
             _state.failed.append(patch.name)
             return
         _state.applied.append(patch.name)
+
+
+def _refuse_late(patch: Patch) -> None:
+    logger.error(
+        "vllm-omni patch %r not applied: %s was imported before the patch layer was armed. "
+        "Is vllm-omni installed in this environment (its start-up hook arms the layer)?",
+        patch.name,
+        patch.module,
+    )
+    with _lock:
+        _state.failed.append(patch.name)
 
 
 def _version_supported() -> bool:

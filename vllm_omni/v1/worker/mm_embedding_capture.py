@@ -1,0 +1,143 @@
+"""Worker side of mm_embedding: capture each request's encoder outputs and send them with the outputs.
+
+vLLM's model runner stores every ``embed_multimodal`` output in ``encoder_cache[mm_hash]``, shared by
+all requests with that item (a cache hit skips the encoder). So capture reads the cache at the moment
+the runner gathers a request's items for its forward pass, which covers encoder runs, cache hits and
+chunked prefill alike. Each item is pooled/cast as asked on its device and copied to the host once,
+then leaves the worker in the next ``ModelRunnerOutput`` (attribute ``mm_embeddings``); nothing is kept
+after a request finishes. With the feature off the wrappers call straight through.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+
+from vllm_omni.multimodal.mm_embedding import MMEmbeddingParams
+
+logger = logging.getLogger(__name__)
+
+# req_id -> [(item index, modality, CPU tensor)], the attribute added to ModelRunnerOutput.
+CapturedItems = dict[str, list[tuple[int, str, torch.Tensor]]]
+OUTPUT_ATTR = "mm_embeddings"
+
+
+class MMEmbeddingCapturer:
+    """Per-request capture state inside one worker's model runner."""
+
+    def __init__(self) -> None:
+        self.captured: dict[str, set[int]] = {}  # req_id -> item indices already copied
+        self.pending: CapturedItems = {}  # copied, not yet sent
+        self._params: dict[str, MMEmbeddingParams] = {}
+
+    def capture(self, runner, scheduler_output, shift_computed_tokens: int = 0) -> None:
+        """Copy the items that this step's forward reaches for the first time, per request."""
+        for req_id in runner.input_batch.req_ids:
+            state = runner.requests[req_id]
+            if not state.mm_features:
+                continue
+            params = self._request_params(req_id, state)
+            reached = (
+                state.num_computed_tokens
+                + shift_computed_tokens
+                + scheduler_output.num_scheduled_tokens[req_id]
+            )
+            done = self.captured.setdefault(req_id, set())
+            for index, feature in enumerate(state.mm_features):
+                if index in done or feature.mm_position.offset >= reached:
+                    continue
+                done.add(index)
+                if params.wants(feature.modality):
+                    self._copy(runner, req_id, index, feature, params)
+
+    def take(self) -> CapturedItems | None:
+        """Everything copied since the last call (``None`` when nothing was)."""
+        if not self.pending:
+            return None
+        pending, self.pending = self.pending, {}
+        return pending
+
+    def free(self, req_ids) -> None:
+        """Forget finished or aborted requests."""
+        for req_id in req_ids:
+            self.captured.pop(req_id, None)
+            self.pending.pop(req_id, None)
+            self._params.pop(req_id, None)
+
+    def num_tracked(self) -> int:
+        """Requests with capture state (0 once every request has finished)."""
+        return len(self.captured.keys() | self.pending.keys() | self._params.keys())
+
+    def _request_params(self, req_id: str, state) -> MMEmbeddingParams:
+        params = self._params.get(req_id)
+        if params is None:
+            extra_args = state.sampling_params.extra_args if state.sampling_params else None
+            params = self._params[req_id] = MMEmbeddingParams.from_extra_args(extra_args)
+        return params
+
+    def _copy(self, runner, req_id, index, feature, params: MMEmbeddingParams) -> None:
+        encoder_output = runner.encoder_cache.get(feature.identifier)
+        if encoder_output is None:
+            logger.warning("mm_embedding: encoder output of item %d of %s is not cached", index, req_id)
+            return
+        host = params.postprocess(encoder_output).to("cpu")
+        self.pending.setdefault(req_id, []).append((index, feature.modality, host))
+
+
+def _capturer(runner) -> MMEmbeddingCapturer | None:
+    """The runner's capturer, created on first use; ``None`` when the feature is off."""
+    capturer = runner.__dict__.get("_omni_mm_capturer")
+    if capturer is None:
+        mm_config = runner.model_config.multimodal_config
+        enabled = bool(getattr(mm_config, "enable_return_mm_embedding", False))
+        capturer = runner._omni_mm_capturer = MMEmbeddingCapturer() if enabled else False
+    return capturer or None
+
+
+def _attach(runner, output):
+    """Put pending captures on the step's ``ModelRunnerOutput`` (async wrappers included)."""
+    capturer = _capturer(runner)
+    if capturer is None or output is None or not capturer.pending:
+        return output
+    target = getattr(output, "_model_runner_output", output)
+    if not hasattr(target, "req_id_to_index"):  # IntermediateTensors on a non-last PP rank
+        return output
+    if target is output and not target.req_ids:
+        target = output = copy.copy(output)  # never mutate vLLM's shared EMPTY_MODEL_RUNNER_OUTPUT
+    setattr(target, OUTPUT_ATTR, capturer.take())
+    return output
+
+
+def patch_model_runner(module) -> None:
+    """Wrap ``GPUModelRunner`` (the base of the CPU runner too) to capture, send and free."""
+    runner_cls = module.GPUModelRunner
+    stock_gather = runner_cls._gather_mm_embeddings
+    stock_update = runner_cls._update_states
+    stock_execute = runner_cls.execute_model
+    stock_sample = runner_cls.sample_tokens
+
+    def _gather_mm_embeddings(self, scheduler_output, shift_computed_tokens=0):
+        result = stock_gather(self, scheduler_output, shift_computed_tokens)
+        capturer = _capturer(self)
+        if capturer is not None:
+            capturer.capture(self, scheduler_output, shift_computed_tokens)
+        return result
+
+    def _update_states(self, scheduler_output):
+        capturer = _capturer(self)
+        if capturer is not None and scheduler_output.finished_req_ids:
+            capturer.free(scheduler_output.finished_req_ids)
+        return stock_update(self, scheduler_output)
+
+    def execute_model(self, *args, **kwargs):
+        return _attach(self, stock_execute(self, *args, **kwargs))
+
+    def sample_tokens(self, *args, **kwargs):
+        return _attach(self, stock_sample(self, *args, **kwargs))
+
+    runner_cls._gather_mm_embeddings = _gather_mm_embeddings
+    runner_cls._update_states = _update_states
+    runner_cls.execute_model = execute_model
+    runner_cls.sample_tokens = sample_tokens
