@@ -87,12 +87,21 @@ PATCHES: tuple[Patch, ...] = (
         vllm_tests=("tests/v1/core/test_scheduler.py", "tests/v1/core/test_encoder_cache_manager.py"),
     ),
     Patch(
+        name="mm_sampling_params",
+        module="vllm.sampling_params",
+        apply="vllm_omni.v1.engine.input_processor:patch_sampling_params",
+        target="vllm.sampling_params:SamplingParams._verify_args",
+        reason="Reject bad per-request mm_embedding options when SamplingParams is built, before the "
+        "prompt is rendered (a later failure would desync the frontend/EngineCore mm caches).",
+        wraps=("vllm.sampling_params:SamplingParams._verify_args",),
+        vllm_tests=("tests/test_sampling_params.py",),
+    ),
+    Patch(
         name="mm_input_processor",
         module="vllm.v1.engine.input_processor",
         apply="vllm_omni.v1.engine.input_processor:patch_input_processor",
         target="vllm.v1.engine.input_processor:InputProcessor.process_inputs",
-        reason="Reject bad per-request mm_embedding options in the caller's process; requests that "
-        "get embeddings skip prefix-cache reads so every item is gathered.",
+        reason="Requests that get embeddings back skip prefix-cache reads so every item is gathered.",
         wraps=("vllm.v1.engine.input_processor:InputProcessor.process_inputs",),
     ),
     Patch(

@@ -30,10 +30,26 @@ def engine_report(llm) -> dict[str, Any]:
 
 
 def add_engine_core_utility(module) -> None:
-    """Give ``EngineCore`` an ``omni_patch_report`` utility method (clients call it by name)."""
-    module.EngineCore.omni_patch_report = lambda self: process_report()
+    """Give ``EngineCore`` an ``omni_patch_report`` utility method (clients call it by name).
+
+    Beside the layer's state it counts the requests whose mm_embedding items the scheduler holds.
+    """
+
+    def omni_patch_report(self) -> dict[str, Any]:
+        collector = getattr(self.scheduler, "_omni_mm_collector", None)
+        return {**process_report(), "mm_embedding_requests": len(collector.requests) if collector else 0}
+
+    module.EngineCore.omni_patch_report = omni_patch_report
 
 
 def add_worker_method(module) -> None:
-    """Give ``WorkerBase`` an ``omni_patch_report`` method (reached through ``collective_rpc``)."""
-    module.WorkerBase.omni_patch_report = lambda self: process_report()
+    """Give ``WorkerBase`` an ``omni_patch_report`` method (reached through ``collective_rpc``).
+
+    Beside the layer's state it counts the requests the worker's mm_embedding capturer tracks.
+    """
+
+    def omni_patch_report(self) -> dict[str, Any]:
+        capturer = getattr(getattr(self, "model_runner", None), "_omni_mm_capturer", None)
+        return {**process_report(), "mm_embedding_requests": capturer.num_tracked() if capturer else 0}
+
+    module.WorkerBase.omni_patch_report = omni_patch_report

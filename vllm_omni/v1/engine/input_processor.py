@@ -1,12 +1,14 @@
-"""Frontend request checks for mm_embedding (wraps ``InputProcessor.process_inputs``).
+"""Frontend request checks for mm_embedding.
 
-Bad ``extra_args["mm_embedding"]`` options fail here, in the caller's process, with a ``ValueError``
-naming the option (HTTP 400 on the server) before anything reaches the engine. A request that will get
-embeddings back skips prefix-cache *reads*: a prefix hit over a multimodal placeholder would skip that
-item's gather in the worker, and with it the embedding. Its blocks are still written to the cache.
+Bad ``extra_args["mm_embedding"]`` options fail when the ``SamplingParams`` is built (wrapped
+``SamplingParams._verify_args``): in the caller's process, with a ``ValueError`` naming the option
+(HTTP 400 on the server), before any prompt is rendered. Failing later, after the multimodal processor
+cached the prompt's items in the frontend, would leave the frontend and EngineCore caches out of step.
+
+A request that will get embeddings back skips prefix-cache *reads* (wrapped
+``InputProcessor.process_inputs``): a prefix hit over a multimodal placeholder would skip that item's
+gather in the worker, and with it the embedding. Its blocks are still written to the cache.
 """
-
-from vllm.sampling_params import SamplingParams
 
 from vllm_omni.multimodal.mm_embedding import MMEmbeddingParams
 
@@ -20,15 +22,25 @@ def wants_mm_embedding(model_config, request) -> bool:
     return any(params.wants(feature.modality) for feature in request.mm_features)
 
 
+def patch_sampling_params(module) -> None:
+    """Validate ``extra_args["mm_embedding"]`` with the rest of the sampling parameters."""
+    params_cls = module.SamplingParams
+    stock_verify = params_cls._verify_args
+
+    def _verify_args(self) -> None:
+        stock_verify(self)
+        MMEmbeddingParams.from_extra_args(self.extra_args)
+
+    params_cls._verify_args = _verify_args
+
+
 def patch_input_processor(module) -> None:
-    """Validate the options and keep prefix-cache reads from hiding items."""
+    """Keep prefix-cache reads from hiding the items of requests that get embeddings back."""
     processor_cls = module.InputProcessor
     stock_process_inputs = processor_cls.process_inputs
 
-    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
-        if isinstance(params, SamplingParams):
-            MMEmbeddingParams.from_extra_args(params.extra_args)
-        request = stock_process_inputs(self, request_id, prompt, params, *args, **kwargs)
+    def process_inputs(self, *args, **kwargs):
+        request = stock_process_inputs(self, *args, **kwargs)
         sampling_params = request.sampling_params
         if (
             sampling_params is not None
