@@ -45,11 +45,12 @@ def add_engine_core_utility(module) -> None:
 def add_worker_method(module) -> None:
     """Give ``WorkerBase`` an ``omni_patch_report`` method (reached through ``collective_rpc``).
 
-    Beside the layer's state it counts the requests the worker's mm_embedding capturer tracks.
+    Beside the layer's state it counts the requests the worker's mm_embedding capturer tracks
+    (``None`` while the feature is off: no capturer exists).
     """
 
     def omni_patch_report(self) -> dict[str, Any]:
         capturer = getattr(getattr(self, "model_runner", None), "_omni_mm_capturer", None)
-        return {**process_report(), "mm_embedding_requests": capturer.num_tracked() if capturer else 0}
+        return {**process_report(), "mm_embedding_requests": capturer.num_tracked() if capturer else None}
 
     module.WorkerBase.omni_patch_report = omni_patch_report
