@@ -7,7 +7,7 @@ from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.sampling_params import RequestOutputKind
 
-from tests.mm_embedding.conftest import image_request, random_image
+from tests.utils import image_request, random_image
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="module")]
 

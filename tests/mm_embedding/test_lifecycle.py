@@ -4,8 +4,7 @@ import pytest
 import torch
 from vllm import SamplingParams
 
-from tests.conftest import running_llm
-from tests.mm_embedding.conftest import image_request, random_image
+from tests.utils import image_request, random_image, running_llm
 from vllm_omni.patch.report import engine_report
 
 pytestmark = pytest.mark.engine

@@ -6,7 +6,7 @@ import pytest
 import torch
 from vllm import SamplingParams
 
-from tests.mm_embedding.conftest import image_request, random_image
+from tests.utils import image_request, random_image
 from vllm_omni.multimodal.mm_embedding import MMEmbeddingItem, MMEmbeddingParams
 
 pytestmark = pytest.mark.engine

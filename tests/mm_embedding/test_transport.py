@@ -12,7 +12,7 @@ import vllm.v1.engine as engine_types
 from vllm import SamplingParams
 from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
-from tests.mm_embedding.conftest import image_request, random_image
+from tests.utils import image_request, random_image
 from vllm_omni.v1.engine.outputs import MMEmbeddingOutput, OmniEngineCoreOutput, OmniEngineCoreOutputs
 
 StockOutput, StockOutputs = OmniEngineCoreOutput.__mro__[1], OmniEngineCoreOutputs.__mro__[1]
@@ -62,7 +62,7 @@ STOCK_SCRIPT = """
 import json, os, sys
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 from vllm import LLM, SamplingParams
-from tests.mm_embedding.conftest import image_request, random_image
+from tests.utils import image_request, random_image
 if __name__ == "__main__":
     llm = LLM(sys.argv[1], dtype="float32", max_model_len=512, max_num_seqs=8, enforce_eager=True)
     requests = [image_request(random_image(60)), "plain text", image_request(random_image(61))]

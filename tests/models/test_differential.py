@@ -1,10 +1,10 @@
 """vLLM's greedy tokens equal HF transformers' greedy tokens on the tiny checkpoints (float32)."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from vllm import SamplingParams
+
+from tests.utils import random_image
 
 pytestmark = pytest.mark.engine
 
@@ -39,11 +39,6 @@ def test_qwen3_greedy_matches_transformers(qwen3_llm, qwen3_path):
         input_ids = tokenizer(prompt, return_tensors="pt").input_ids
         assert output.prompt_token_ids == input_ids[0].tolist()
         assert list(output.outputs[0].token_ids) == hf_greedy(model, input_ids)
-
-
-def random_image(seed: int, width: int, height: int) -> Image.Image:
-    pixels = np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
 
 
 @pytest.mark.parametrize("size", [(32, 32), (48, 40)])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from vllm import SamplingParams
 
-from tests.conftest import running_llm
+from tests.utils import running_llm
 from vllm_omni.testing import tiny_models
 
 

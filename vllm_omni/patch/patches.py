@@ -117,6 +117,48 @@ PATCHES: tuple[Patch, ...] = (
         ),
         vllm_tests=("tests/v1/engine/test_output_processor.py",),
     ),
+    Patch(
+        name="mm_chat_request_fields",
+        module="vllm.entrypoints.openai.chat_completion.protocol",
+        apply="vllm_omni.entrypoints.openai.mm_embedding:swap_chat_request",
+        target="...chat_completion.protocol:ChatCompletionRequest -> subclass with mm_embedding fields",
+        reason="/v1/chat/completions accepts return_mm_embedding and its options (validated: 400).",
+        before_first_use=True,
+        wraps=("vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest.to_sampling_params",),
+    ),
+    Patch(
+        name="mm_completion_request_fields",
+        module="vllm.entrypoints.openai.completion.protocol",
+        apply="vllm_omni.entrypoints.openai.mm_embedding:swap_completion_request",
+        target="...completion.protocol:CompletionRequest -> subclass with mm_embedding fields",
+        reason="/v1/completions accepts return_mm_embedding and its options (validated: 400).",
+        before_first_use=True,
+        wraps=("vllm.entrypoints.openai.completion.protocol:CompletionRequest.to_sampling_params",),
+    ),
+    Patch(
+        name="mm_chat_serving",
+        module="vllm.entrypoints.openai.chat_completion.serving",
+        apply="vllm_omni.entrypoints.openai.mm_embedding:patch_chat_serving",
+        target="...chat_completion.serving:OpenAIServingChat (create, stream and full generators)",
+        reason="Return each choice's embedding as base64 .npy (final extra chunk when streaming).",
+        wraps=(
+            "vllm.entrypoints.openai.chat_completion.serving:OpenAIServingChat.create_chat_completion",
+            "vllm.entrypoints.openai.chat_completion.serving:OpenAIServingChat.chat_completion_stream_generator",
+            "vllm.entrypoints.openai.chat_completion.serving:OpenAIServingChat.chat_completion_full_generator",
+        ),
+    ),
+    Patch(
+        name="mm_completion_serving",
+        module="vllm.entrypoints.openai.completion.serving",
+        apply="vllm_omni.entrypoints.openai.mm_embedding:patch_completion_serving",
+        target="...completion.serving:OpenAIServingCompletion (create, stream, response)",
+        reason="Return each choice's embedding as base64 .npy (final extra chunk when streaming).",
+        wraps=(
+            "vllm.entrypoints.openai.completion.serving:OpenAIServingCompletion.create_completion",
+            "vllm.entrypoints.openai.completion.serving:OpenAIServingCompletion.completion_stream_generator",
+            "vllm.entrypoints.openai.completion.serving:OpenAIServingCompletion.request_output_to_completion_response",
+        ),
+    ),
     # --- Diagnostics and compatibility ---
     Patch(
         name="engine_core_patch_report",

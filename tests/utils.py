@@ -1,11 +1,11 @@
-"""Fixtures for mm_embedding tests: engines with the feature on, HF reference embeddings, images."""
+"""Helpers shared by the tests: real engines, images, the HF LLaVA reference."""
+
+import gc
+from contextlib import contextmanager
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
-
-from tests.conftest import running_llm
 
 IMAGE_PROMPT = "<|im_start|>user\n<image>Describe the image.<|im_end|>\n<|im_start|>assistant\n"
 
@@ -38,13 +38,16 @@ class HFReference:
         return torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
 
 
-@pytest.fixture(scope="session")
-def hf_reference(llava_path) -> HFReference:
-    return HFReference(llava_path)
+@contextmanager
+def running_llm(model: str, **kwargs):
+    """A real ``vllm.LLM`` on CPU, shut down (EngineCore and workers) on exit."""
+    from vllm import LLM
 
-
-@pytest.fixture(scope="session")
-def llava_mm_llm(llava_path):
-    """Tiny LLaVA, float32, feature on, prefix caching on (vLLM's default)."""
-    with running_llm(llava_path, dtype="float32", enable_return_mm_embedding=True) as llm:
+    kwargs = {"max_model_len": 512, "max_num_seqs": 8, "enforce_eager": True, **kwargs}
+    llm = LLM(model, **kwargs)
+    try:
         yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
