@@ -1,8 +1,10 @@
 """Offline generation through plain ``vllm.LLM`` with the vllm-omni patch layer armed.
 
 Builds the tiny random-weight checkpoints (no hub access needed), generates with tiny Qwen3 (text) and
-tiny LLaVA (text + image), and shows that the patch layer is active in the user's process, vLLM's
-EngineCore process and its worker processes. Random weights produce random text: the point is the path.
+tiny LLaVA (text + image, returning the image's encoder embeddings with
+``enable_return_mm_embedding=True``), and shows that the patch layer is active in the user's process,
+vLLM's EngineCore process and its worker processes. Random weights produce random text: the point is
+the path.
 
     .venv/bin/python examples/offline_inference/basic_generate.py
 """
@@ -37,13 +39,18 @@ def main() -> None:
         print(f"[qwen3] {output.prompt!r} -> {output.outputs[0].text!r}")
     qwen3.llm_engine.engine_core.shutdown()
 
-    llava = LLM(tiny_model_path("llava"), max_model_len=512, enforce_eager=True)
+    llava = LLM(
+        tiny_model_path("llava"), max_model_len=512, enforce_eager=True, enable_return_mm_embedding=True
+    )
     image = Image.fromarray(np.random.RandomState(0).randint(0, 256, (32, 32, 3), dtype=np.uint8))
     messages = [{"role": "user", "content": [
         {"type": "image_pil", "image_pil": image}, {"type": "text", "text": "Describe the image."},
     ]}]  # fmt: skip
-    output = llava.chat(messages, params)[0]
-    print(f"[llava] image + 'Describe the image.' -> {output.outputs[0].text!r}")
+    completion = llava.chat(messages, params)[0].outputs[0]
+    print(f"[llava] image + 'Describe the image.' -> {completion.text!r}")
+    embedding = completion.mm_embedding
+    print(f"[llava] mm_embedding: {tuple(embedding.shape)} {embedding.dtype} on {embedding.device}, "
+          f"items {completion.mm_embedding_items}")  # fmt: skip
     llava.llm_engine.engine_core.shutdown()
 
 

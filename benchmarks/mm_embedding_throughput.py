@@ -1,0 +1,118 @@
+"""Throughput of multimodal-embedding return, side by side in one run (tiny LLaVA, CPU by default).
+
+Three engines, each in its own process, same requests:
+- stock:   vLLM with the patch layer off (VLLM_OMNI_DISABLE_PATCHES=1)
+- off:     patched vLLM, feature off (the default)
+- on:      patched vLLM, LLM(..., enable_return_mm_embedding=True)
+
+Each configuration runs ``--passes`` times (a fresh engine each time, the order rotated between
+passes, since engines started at different moments on a 2-core machine differ by more than the effect
+measured); each run times ``--rounds`` batches and keeps the median. Prints requests/s per run, the
+median per configuration, the ratios off/stock and on/off, embedding bytes returned per request, and
+the peak RSS growth of the frontend + engine processes during the timed rounds.
+
+    .venv/bin/python benchmarks/mm_embedding_throughput.py [--requests 512] [--rounds 5] [--passes 3]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIGS = {
+    "stock": ({"VLLM_OMNI_DISABLE_PATCHES": "1"}, {}),
+    "off": ({}, {}),
+    "on": ({}, {"enable_return_mm_embedding": True}),
+}
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process and its children (EngineCore, workers)."""
+    import psutil
+
+    me = psutil.Process()
+    return sum(p.memory_info().rss for p in [me, *me.children(recursive=True)])
+
+
+def run_config(model: str, engine_kwargs: dict, num_requests: int, rounds: int) -> dict:
+    """Body of one configuration's process."""
+    import numpy as np
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model, max_model_len=512, max_num_seqs=32, enforce_eager=True, **engine_kwargs)
+    rng = np.random.RandomState(0)
+    images = [Image.fromarray(rng.randint(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(num_requests)]
+    prompt = "<|im_start|>user\n<image>Describe the image.<|im_end|>\n<|im_start|>assistant\n"
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+    def requests(round_index: int):  # new pixels each round: no encoder/prefix cache across rounds
+        shifted = [Image.fromarray(np.roll(np.asarray(im), round_index + 1)) for im in images]
+        return [{"prompt": prompt, "multi_modal_data": {"image": image}} for image in shifted]
+
+    llm.generate(requests(-1)[:8], params, use_tqdm=False)  # warm-up
+    rss_before, rates, returned = rss_bytes(), [], 0
+    for round_index in range(rounds):
+        batch = requests(round_index)
+        start = time.perf_counter()
+        outputs = llm.generate(batch, params, use_tqdm=False)
+        rates.append(len(batch) / (time.perf_counter() - start))
+        returned = sum(getattr(o.outputs[0], "mm_embedding", None) is not None and
+                       o.outputs[0].mm_embedding.nbytes for o in outputs)  # fmt: skip
+    return {
+        "requests_per_s": statistics.median(rates),
+        "bytes_per_request": returned / num_requests,
+        "rss_growth_mb": (rss_bytes() - rss_before) / 2**20,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--passes", type=int, default=3, help="engine restarts per configuration")
+    parser.add_argument("--model", default=None, help="default: the tiny LLaVA checkpoint")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        result = run_config(args.model, json.loads(args.child), args.requests, args.rounds)
+        print("RESULT " + json.dumps(result))
+        return
+
+    from vllm_omni.testing.tiny_models import tiny_model_path
+
+    model = args.model or tiny_model_path("llava")
+    names = list(CONFIGS)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for p in range(args.passes):  # rotate the order: drift in machine load hits every config alike
+        for name in names[p % len(names) :] + names[: p % len(names)]:
+            runs[name].append(run_child(name, model, args))
+            print(f"pass {p + 1} {name:5s}: {runs[name][-1]['requests_per_s']:8.2f} req/s", flush=True)
+    rate = {name: statistics.median(r["requests_per_s"] for r in runs[name]) for name in names}
+    for name in names:
+        last = runs[name][-1]
+        print(
+            f"{name:5s}: median {rate[name]:8.2f} req/s, {last['bytes_per_request']:7.0f} embedding "
+            f"bytes/request, peak RSS growth {max(r['rss_growth_mb'] for r in runs[name]):6.1f} MiB"
+        )
+    print(f"feature off vs stock vLLM: {rate['off'] / rate['stock']:.3f}x")
+    print(f"feature on vs feature off: {rate['on'] / rate['off']:.3f}x")
+
+
+def run_child(name: str, model: str, args) -> dict:
+    env, engine_kwargs = CONFIGS[name]
+    cmd = [sys.executable, __file__, "--model", model, "--requests", str(args.requests),
+           "--rounds", str(args.rounds), "--child", json.dumps(engine_kwargs)]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **env}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[0][len("RESULT ") :])
+
+
+if __name__ == "__main__":
+    main()
