@@ -83,6 +83,10 @@ class MMEmbeddingCapturer:
             logger.warning("mm_embedding: encoder output of item %d of %s is not cached", index, req_id)
             return
         host = params.postprocess(encoder_output).to("cpu")
+        if host.untyped_storage().data_ptr() == encoder_output.untyped_storage().data_ptr():
+            # Still the cache's memory (CPU device, nothing to cast or pool): often a view of the
+            # whole encoder batch, which would travel whole to the EngineCore. This is the one copy.
+            host = host.clone()
         self.pending.setdefault(req_id, []).append((index, feature.modality, host))
 
 
