@@ -27,7 +27,7 @@ def main() -> None:
 
         args.model = tiny_model_path("llava")
 
-    llm = LLM(args.model, max_model_len=2048, enable_return_mm_embedding=True)
+    llm = LLM(args.model, max_model_len=1024, enable_return_mm_embedding=True)
     rng = np.random.RandomState(0)
     cat, dog = (Image.fromarray(rng.randint(0, 256, (336, 336, 3), dtype=np.uint8)) for _ in range(2))
     messages = [{"role": "user", "content": [
