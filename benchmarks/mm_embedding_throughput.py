@@ -12,6 +12,9 @@ median per configuration, the ratios off/stock and on/off, embedding bytes retur
 the peak RSS growth of the frontend + engine processes during the timed rounds.
 
     .venv/bin/python benchmarks/mm_embedding_throughput.py [--requests 512] [--rounds 5] [--passes 3]
+
+On a 2-core CPU machine set ``VLLM_CPU_OMP_THREADS_BIND=1`` (the worker's threads on one core, the
+frontend and EngineCore on the other): it narrows the spread between runs.
 """
 
 import argparse
