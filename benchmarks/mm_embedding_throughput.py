@@ -13,6 +13,11 @@ the peak RSS growth of the frontend + engine processes during the timed rounds.
 
     .venv/bin/python benchmarks/mm_embedding_throughput.py [--requests 512] [--rounds 5] [--passes 3]
 
+``--profile`` measures the cost deterministically instead: each configuration runs one batch with
+the engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) under cProfile and reports Python function
+calls (the same workload makes the same calls on every run) and the share of time spent in vllm_omni's
+own code; ratios of calls against stock bound the overhead independent of machine noise.
+
 On a 2-core CPU machine set ``VLLM_CPU_OMP_THREADS_BIND=1`` (the worker's threads on one core, the
 frontend and EngineCore on the other): it narrows the spread between runs.
 """
@@ -57,6 +62,8 @@ def run_config(model: str, engine_kwargs: dict, num_requests: int, rounds: int) 
         return [{"prompt": prompt, "multi_modal_data": {"image": image}} for image in shifted]
 
     llm.generate(requests(-1)[:8], params, use_tqdm=False)  # warm-up
+    if os.environ.get("OMNI_BENCH_PROFILE"):
+        return profile_round(llm, requests(0), params)
     rss_before, rates, returned = rss_bytes(), [], 0
     for round_index in range(rounds):
         batch = requests(round_index)
@@ -72,12 +79,25 @@ def run_config(model: str, engine_kwargs: dict, num_requests: int, rounds: int) 
     }
 
 
+def profile_round(llm, batch, params) -> dict:
+    """Function calls and vllm_omni's own share of the time for one batch (engine in-process)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.runcall(llm.generate, batch, params, use_tqdm=False)
+    stats = pstats.Stats(profiler)
+    own = sum(row[2] for key, row in stats.stats.items() if "vllm_omni" in key[0])
+    return {"calls": stats.total_calls, "own_share": own / stats.total_tt}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--passes", type=int, default=3, help="engine restarts per configuration")
     parser.add_argument("--model", default=None, help="default: the tiny LLaVA checkpoint")
+    parser.add_argument("--profile", action="store_true", help="count calls instead of timing")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -88,6 +108,8 @@ def main() -> None:
     from vllm_omni.testing.tiny_models import tiny_model_path
 
     model = args.model or tiny_model_path("llava")
+    if args.profile:
+        return report_profile(model, args)
     names = list(CONFIGS)
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for p in range(args.passes):  # rotate the order: drift in machine load hits every config alike
@@ -105,8 +127,18 @@ def main() -> None:
     print(f"feature on vs feature off: {rate['on'] / rate['off']:.3f}x")
 
 
-def run_child(name: str, model: str, args) -> dict:
+def report_profile(model: str, args) -> None:
+    profile_env = {"OMNI_BENCH_PROFILE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    result = {name: run_child(name, model, args, profile_env) for name in CONFIGS}
+    for name, row in result.items():
+        print(f"{name:5s}: {row['calls']:9d} Python calls, vllm_omni own time {100 * row['own_share']:.2f}%")
+    print(f"calls, feature off vs stock vLLM: {result['off']['calls'] / result['stock']['calls']:.4f}x")
+    print(f"calls, feature on vs feature off: {result['on']['calls'] / result['off']['calls']:.4f}x")
+
+
+def run_child(name: str, model: str, args, extra_env: dict | None = None) -> dict:
     env, engine_kwargs = CONFIGS[name]
+    env = {**env, **(extra_env or {})}
     cmd = [sys.executable, __file__, "--model", model, "--requests", str(args.requests),
            "--rounds", str(args.rounds), "--child", json.dumps(engine_kwargs)]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **env}
