@@ -81,6 +81,10 @@ class MMEmbeddingParams:
         """Whether items of ``modality`` are returned."""
         return self.enabled and (self.modalities is None or modality in self.modalities)
 
+    def num_wanted(self, mm_features) -> int:
+        """How many of a request's multimodal items (``mm_features``) are returned."""
+        return sum(self.wants(feature.modality) for feature in mm_features)
+
     def postprocess(self, embedding: torch.Tensor) -> torch.Tensor:
         """Pool and cast one item's encoder output, still on its device (before the host copy)."""
         if self.pooling == "mean":

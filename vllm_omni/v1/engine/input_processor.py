@@ -19,7 +19,7 @@ def wants_mm_embedding(model_config, request) -> bool:
     if not getattr(mm_config, "enable_return_mm_embedding", False) or not request.mm_features:
         return False
     params = MMEmbeddingParams.from_extra_args(request.sampling_params.extra_args)
-    return any(params.wants(feature.modality) for feature in request.mm_features)
+    return params.num_wanted(request.mm_features) > 0
 
 
 def patch_sampling_params(module) -> None:

@@ -36,8 +36,7 @@ class MMEmbeddingCollector:
         entry = self.requests.get(request.request_id)
         if entry is None:
             params = MMEmbeddingParams.from_extra_args(request.sampling_params.extra_args)
-            expected = sum(params.wants(f.modality) for f in request.mm_features)
-            entry = self.requests[request.request_id] = _Collected(expected)
+            entry = self.requests[request.request_id] = _Collected(params.num_wanted(request.mm_features))
         for index, modality, tensor in items:
             entry.items.setdefault(index, (modality, tensor))
 
