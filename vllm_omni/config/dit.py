@@ -1,0 +1,127 @@
+"""Configuration of a diffusion-transformer (DiT) stage: model, sampler defaults, batching and caches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+CACHE_POLICIES = ("fifo", "lru", "lfu")
+STEP_CACHES = ("first_block",)
+ATTENTION_BACKENDS = ("sdpa", "xformers")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class DiTCacheConfig:
+    """Caches of a DiT stage.
+
+    The conditioning cache keeps text-encoder outputs per (encoder, text) so a repeated prompt or negative
+    prompt is not encoded again. The step cache reuses the transformer's residual between denoising steps
+    when its first block's output barely changed (first-block cache); it trades exactness for speed and is
+    off by default.
+    """
+
+    conditioning_cache_bytes: int = 256 << 20
+    """Byte budget of the conditioning cache; 0 disables it."""
+    conditioning_cache_policy: str = "lru"
+    """Eviction policy of the conditioning cache: ``fifo``, ``lru`` or ``lfu``."""
+    step_cache: str | None = None
+    """Step cache: ``None`` (off) or ``first_block``."""
+    step_cache_threshold: float = 0.08
+    """First-block cache: reuse the cached residual while the relative L1 change of the first block's output
+    since the last fully computed step stays below this value."""
+
+    def __post_init__(self) -> None:
+        owner = "DiTCacheConfig"
+        _require(self.conditioning_cache_bytes >= 0, f"{owner}.conditioning_cache_bytes", "an integer >= 0")
+        _require_choice(self.conditioning_cache_policy, f"{owner}.conditioning_cache_policy", CACHE_POLICIES)
+        _require_choice(self.step_cache, f"{owner}.step_cache", (None, *STEP_CACHES))
+        _require(self.step_cache_threshold > 0, f"{owner}.step_cache_threshold", "a number > 0")
+
+
+@dataclass
+class DiTConfig:
+    """How a DiT stage loads its model and serves requests.
+
+    Per-request values (steps, guidance, size, sampler) default to the fields here; a field left ``None``
+    falls back to the model family's default.
+    """
+
+    model_type: str = "auto"
+    """Native model family (``sd3``, ``z_image``) or ``auto`` to pick it from ``model_index.json``."""
+    scheduler: str | None = None
+    """Default sampler: a diffusers scheduler class name compatible with the model (``None``: the folder's)."""
+    num_inference_steps: int | None = None
+    """Default number of denoising steps."""
+    guidance_scale: float | None = None
+    """Default classifier-free guidance scale."""
+    height: int | None = None
+    """Default image height in pixels."""
+    width: int | None = None
+    """Default image width in pixels."""
+    max_height: int = 2048
+    """Largest height a request may ask for."""
+    max_width: int = 2048
+    """Largest width a request may ask for."""
+    dtype: str = "float32"
+    """Weights and activations dtype: ``float32``, ``bfloat16`` or ``float16``."""
+    device: str = "auto"
+    """``cpu``, ``cuda`` or ``auto`` (CUDA when available)."""
+    max_batch_size: int = 8
+    """Most requests denoised together (the running batch)."""
+    max_waiting_requests: int = 1024
+    """Most requests queued behind the running batch; more are refused."""
+    attention_backend: str = "sdpa"
+    """``sdpa`` (PyTorch scaled-dot-product attention) or ``xformers`` (CUDA installs only)."""
+    use_diffusers: bool = False
+    """Run the folder's diffusers pipeline as a black box (request-level batching) instead of the native
+    step-level runner; works for any diffusers pipeline."""
+    cache: DiTCacheConfig = field(default_factory=DiTCacheConfig)
+    """Conditioning and step caches."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cache, dict):
+            self.cache = DiTCacheConfig(**self.cache)
+        _require_choice(self.dtype, "DiTConfig.dtype", DTYPES)
+        _require_choice(self.device, "DiTConfig.device", DEVICES)
+        _require_choice(self.attention_backend, "DiTConfig.attention_backend", ATTENTION_BACKENDS)
+        for name in ("max_height", "max_width", "max_batch_size", "max_waiting_requests"):
+            _require(getattr(self, name) >= 1, f"DiTConfig.{name}", "an integer >= 1")
+        if self.num_inference_steps is not None:
+            _require(self.num_inference_steps >= 1, "DiTConfig.num_inference_steps", "an integer >= 1")
+        if self.guidance_scale is not None:
+            _require(self.guidance_scale >= 0, "DiTConfig.guidance_scale", "a number >= 0")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DiTConfig:
+        """Build from a plain dict (YAML), naming any unknown key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"DiTConfig: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**values)
+
+    def torch_dtype(self):
+        """The ``torch.dtype`` of :attr:`dtype`."""
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def torch_device(self) -> str:
+        """The device the stage runs on, with ``auto`` resolved."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _require(ok: bool, name: str, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}")
+
+
+def _require_choice(value: Any, name: str, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")

@@ -1,0 +1,72 @@
+"""One stage of an omni pipeline: which engine runs it, on which model, with which modalities."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm_omni.config.dit import DiTConfig
+
+ENGINE_TYPES = ("ar", "dit")
+MODALITIES = ("text", "image", "latent", "hidden_states")
+
+
+@dataclass
+class OmniStageConfig:
+    """A pipeline stage: an autoregressive vLLM engine (``ar``) or a diffusion engine (``dit``)."""
+
+    stage_id: int
+    """Position of the stage in the pipeline (0 = first)."""
+    engine_type: str
+    """``ar`` (vLLM engine) or ``dit`` (diffusion engine)."""
+    model_path: str
+    """Model folder (Hugging Face layout for ``ar``, diffusers layout with ``model_index.json`` for ``dit``)."""
+    input_modalities: list[str] = field(default_factory=lambda: ["text"])
+    """What the stage consumes: any of ``text``, ``image``, ``latent``, ``hidden_states``."""
+    output_modalities: list[str] = field(default_factory=lambda: ["text"])
+    """What the stage produces: any of ``text``, ``image``, ``latent``, ``hidden_states``."""
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    """Engine arguments of an ``ar`` stage (any ``vllm.EngineArgs`` field)."""
+    dit_config: DiTConfig | None = None
+    """Configuration of a ``dit`` stage (defaults when ``None``)."""
+    final_output: bool = True
+    """Whether the stage's output is part of what the pipeline returns."""
+
+    def __post_init__(self) -> None:
+        where = f"stage {self.stage_id}"
+        if not isinstance(self.stage_id, int) or self.stage_id < 0:
+            raise ValueError(f"{where}: stage_id must be an integer >= 0")
+        if self.engine_type not in ENGINE_TYPES:
+            raise ValueError(f"{where}: engine_type must be one of {list(ENGINE_TYPES)}, got {self.engine_type!r}")
+        if not self.model_path:
+            raise ValueError(f"{where}: model_path is required")
+        for key in ("input_modalities", "output_modalities"):
+            bad = [m for m in getattr(self, key) if m not in MODALITIES]
+            if bad or not getattr(self, key):
+                raise ValueError(f"{where}: {key} must be a non-empty list of {list(MODALITIES)}, got {bad}")
+        if self.engine_type == "dit":
+            if isinstance(self.dit_config, dict):
+                self.dit_config = DiTConfig.from_dict(self.dit_config)
+            self.dit_config = self.dit_config or DiTConfig()
+        elif self.dit_config is not None:
+            raise ValueError(f"{where}: dit_config is only for engine_type 'dit'")
+
+
+def create_dit_stage_config(
+    stage_id: int,
+    model_path: str,
+    input_modalities: list[str] | None = None,
+    output_modalities: list[str] | None = None,
+    final_output: bool = True,
+    **dit_options: Any,
+) -> OmniStageConfig:
+    """A ``dit`` stage; ``dit_options`` are :class:`DiTConfig` fields (e.g. ``num_inference_steps=20``)."""
+    return OmniStageConfig(
+        stage_id=stage_id,
+        engine_type="dit",
+        model_path=model_path,
+        input_modalities=input_modalities or ["text"],
+        output_modalities=output_modalities or ["image"],
+        dit_config=DiTConfig.from_dict(dit_options),
+        final_output=final_output,
+    )

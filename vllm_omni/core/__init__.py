@@ -1,0 +1,1 @@
+"""Pipeline orchestration above the stage engines: outputs, stages, hand-offs."""

@@ -1,0 +1,1 @@
+"""Diffusion (DiT) model support."""

@@ -1,0 +1,175 @@
+"""What the diffusion runner needs from a model family, and the flow-matching logic the families share.
+
+A family wraps a diffusers pipeline loaded from a ``model_index.json`` folder and uses its components and
+helpers (text encoders via ``encode_prompt``, ``prepare_latents``, the VAE and image processor), but the
+runner owns the denoising loop: each request keeps its own sampler (a fresh diffusers scheduler), its own
+generator and latents, so requests at different steps, with different step counts, guidance scales and
+seeds share one transformer forward pass.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_img2img import retrieve_latents
+from diffusers.utils.torch_utils import randn_tensor
+
+from vllm_omni.diffusion.cache_manager import value_nbytes
+from vllm_omni.diffusion.request import DiffusionRequest
+
+
+@dataclass
+class DenoiseState:
+    """The tensors and sampler of one request while it is in the running batch."""
+
+    request: DiffusionRequest
+    generator: torch.Generator
+    sampler: Any
+    """The request's own diffusers scheduler (holds its step index)."""
+    timesteps: torch.Tensor
+    latents: torch.Tensor
+    cond: Any
+    """Conditioning of the prompt (family-specific tensors)."""
+    uncond: Any = None
+    """Conditioning of the negative prompt when guidance is on."""
+    step_index: int = 0
+    step_cache: dict[str, Any] = field(default_factory=dict)
+    """Per-request memory of the step cache (residuals of the last computed step)."""
+
+    @property
+    def finished(self) -> bool:
+        return self.step_index >= len(self.timesteps)
+
+    @property
+    def timestep(self) -> torch.Tensor:
+        return self.timesteps[self.step_index]
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors this state holds."""
+        return value_nbytes([self.latents, self.timesteps, self.cond, self.uncond, self.step_cache])
+
+
+class DiTFamily:
+    """A native model family. Subclasses set the class attributes and implement the abstract methods."""
+
+    name: str
+    pipeline_classes: tuple[str, ...]
+    """``_class_name`` values in ``model_index.json`` this family serves."""
+    samplers: tuple[str, ...]
+    """Diffusers scheduler classes a request may pick."""
+
+    def __init__(self, pipe: Any, device: str, dtype: torch.dtype) -> None:
+        self.pipe = pipe
+        self.device = device
+        self.dtype = dtype
+        self.transformer = pipe.transformer
+        call = inspect.signature(type(pipe).__call__).parameters
+        self.default_steps: int = call["num_inference_steps"].default
+        self.default_guidance: float = call["guidance_scale"].default
+        self.max_sequence_length: int = call["max_sequence_length"].default
+
+    # ---- model facts -------------------------------------------------------------------------------
+    @property
+    def size_factor(self) -> int:
+        """Image height and width must be multiples of this."""
+        raise NotImplementedError
+
+    @property
+    def default_size(self) -> int:
+        raise NotImplementedError
+
+    def guidance_on(self, guidance_scale: float) -> bool:
+        """Whether this scale means classifier-free guidance (a negative-prompt pass) for this family."""
+        raise NotImplementedError
+
+    def batch_key(self, request: DiffusionRequest) -> Any:
+        """Requests with equal keys can share a forward pass (default: same latent shape)."""
+        return (request.height, request.width)
+
+    @property
+    def encoder_id(self) -> str:
+        """Identity of the text encoder(s), part of conditioning-cache keys."""
+        return f"{self.name}:{self.pipe.name_or_path}:{self.max_sequence_length}"
+
+    # ---- per-request preparation -------------------------------------------------------------------
+    def encode(self, texts: list[str]) -> list[Any]:
+        """Conditioning of each text (batched through the pipeline's own ``encode_prompt``)."""
+        raise NotImplementedError
+
+    def make_sampler(self, name: str) -> Any:
+        """A fresh scheduler of class ``name`` with the folder's scheduler configuration."""
+        import diffusers
+
+        return getattr(diffusers, name).from_config(self.pipe.scheduler.config)
+
+    def set_timesteps(self, sampler: Any, request: DiffusionRequest) -> torch.Tensor:
+        """Full schedule of ``request`` on its sampler."""
+        raise NotImplementedError
+
+    def latent_dtype(self) -> torch.dtype:
+        return self.dtype
+
+    def num_latent_channels(self) -> int:
+        return self.transformer.config.in_channels
+
+    def prepare(self, request: DiffusionRequest, cond: Any, uncond: Any) -> DenoiseState:
+        """Sampler, schedule and initial latents of ``request`` (image-to-image: noised init image)."""
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        sampler = self.make_sampler(request.sampler)
+        timesteps = self.set_timesteps(sampler, request)
+        if request.image is None:
+            sampler.set_begin_index(0)
+            latents = self.pipe.prepare_latents(
+                1, self.num_latent_channels(), request.height, request.width,
+                self.latent_dtype(), self.device, generator,
+            )  # fmt: skip
+        else:
+            timesteps = self._trim_for_strength(sampler, timesteps, request)
+            latents = self._noised_image_latents(sampler, timesteps[:1], request, generator)
+        return DenoiseState(request, generator, sampler, timesteps, latents, cond, uncond)
+
+    def image_to_image_steps(self, request: DiffusionRequest) -> int:
+        """Steps an image-to-image request runs: ``strength`` of its schedule (diffusers' rule)."""
+        init = min(request.num_inference_steps * request.strength, request.num_inference_steps)
+        return request.num_inference_steps - int(max(request.num_inference_steps - init, 0))
+
+    def _trim_for_strength(self, sampler: Any, timesteps: torch.Tensor, request: DiffusionRequest):
+        start = (request.num_inference_steps - self.image_to_image_steps(request)) * sampler.order
+        sampler.set_begin_index(start)
+        return timesteps[start:]
+
+    def _noised_image_latents(self, sampler, timestep, request: DiffusionRequest, generator):
+        image = self.pipe.image_processor.preprocess(request.image, height=request.height, width=request.width)
+        image = image.to(device=self.device, dtype=self.latent_dtype())
+        vae = self.pipe.vae
+        init = retrieve_latents(vae.encode(image), generator=generator)
+        init = (init - vae.config.shift_factor) * vae.config.scaling_factor
+        noise = randn_tensor(init.shape, generator=generator, device=torch.device(self.device), dtype=init.dtype)
+        return sampler.scale_noise(init, timestep, noise).to(self.latent_dtype())
+
+    # ---- the batched step --------------------------------------------------------------------------
+    def predict(self, states: list[DenoiseState]) -> list[torch.Tensor]:
+        """Guided model output of each state at its current timestep, in one transformer forward."""
+        raise NotImplementedError
+
+    def step(self, state: DenoiseState, model_output: torch.Tensor) -> None:
+        """Advance ``state`` by one step of its sampler."""
+        kwargs = {"generator": state.generator} if _accepts(state.sampler.step, "generator") else {}
+        state.latents = state.sampler.step(
+            model_output, state.timestep, state.latents, return_dict=False, **kwargs
+        )[0]
+        state.step_index += 1
+
+    def decode(self, latents: torch.Tensor, output_type: str) -> Any:
+        """Images of a batch of final latents of one shape."""
+        vae = self.pipe.vae
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae.decode(latents, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type=output_type)
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    return name in inspect.signature(fn).parameters

@@ -1,0 +1,78 @@
+"""Stable Diffusion 3 (MMDiT; CLIP-L + CLIP-G + T5 text encoders; flow matching)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+
+from vllm_omni.diffusion.models.base import DenoiseState, DiTFamily
+from vllm_omni.diffusion.request import DiffusionRequest
+
+
+class SD3Family(DiTFamily):
+    """Conditioning per text: ``(prompt_embeds (L, D), pooled (P,))``; guidance is on above 1."""
+
+    name = "sd3"
+    pipeline_classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
+    samplers = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+
+    @property
+    def size_factor(self) -> int:
+        return self.pipe.vae_scale_factor * self.transformer.config.patch_size
+
+    @property
+    def default_size(self) -> int:
+        return self.pipe.default_sample_size * self.pipe.vae_scale_factor
+
+    def guidance_on(self, guidance_scale: float) -> bool:
+        return guidance_scale > 1
+
+    def encode(self, texts: list[str]) -> list[Any]:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=list(texts), prompt_2=None, prompt_3=None, device=self.device,
+            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
+        )  # fmt: skip
+        return [(embeds[i], pooled[i]) for i in range(len(texts))]
+
+    def set_timesteps(self, sampler: Any, request: DiffusionRequest) -> torch.Tensor:
+        kwargs = {}
+        if sampler.config.get("use_dynamic_shifting", None):
+            patch = self.transformer.config.patch_size
+            seq_len = (request.height // self.pipe.vae_scale_factor // patch) * (
+                request.width // self.pipe.vae_scale_factor // patch
+            )
+            kwargs["mu"] = calculate_shift(
+                seq_len,
+                sampler.config.get("base_image_seq_len", 256),
+                sampler.config.get("max_image_seq_len", 4096),
+                sampler.config.get("base_shift", 0.5),
+                sampler.config.get("max_shift", 1.16),
+            )
+        timesteps, _ = retrieve_timesteps(sampler, request.num_inference_steps, self.device, **kwargs)
+        return timesteps
+
+    def predict(self, states: list[DenoiseState]) -> list[torch.Tensor]:
+        rows = []  # (latents, timestep, conditioning) per transformer row; guided requests take two
+        for s in states:
+            rows.append((s.latents, s.timestep, s.cond))
+            if s.uncond is not None:
+                rows.append((s.latents, s.timestep, s.uncond))
+        out = self.transformer(
+            hidden_states=torch.cat([r[0] for r in rows]),
+            timestep=torch.stack([r[1] for r in rows]),
+            encoder_hidden_states=torch.stack([r[2][0] for r in rows]),
+            pooled_projections=torch.stack([r[2][1] for r in rows]),
+            return_dict=False,
+        )[0]
+        preds, row = [], 0
+        for s in states:
+            if s.uncond is None:
+                preds.append(out[row : row + 1])
+                row += 1
+            else:
+                text, uncond = out[row : row + 1], out[row + 1 : row + 2]
+                preds.append(uncond + s.request.guidance_scale * (text - uncond))
+                row += 2
+        return preds

@@ -1,0 +1,88 @@
+"""Z-Image (single-stream DiT; a Qwen3 LM as text encoder, second-to-last hidden layer; flow matching)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.pipelines.z_image.pipeline_z_image import (
+    calculate_shift,
+    get_default_z_image_sigmas,
+    retrieve_timesteps,
+)
+
+from vllm_omni.diffusion.models.base import DenoiseState, DiTFamily
+from vllm_omni.diffusion.request import DiffusionRequest
+
+
+class ZImageFamily(DiTFamily):
+    """Conditioning per text: the LM's hidden states of its real tokens ``(L_text, D)``; guidance is on above 0.
+
+    The transformer takes lists of latents and captions, so requests of any image size and caption length
+    share a forward pass.
+    """
+
+    name = "z_image"
+    pipeline_classes = ("ZImagePipeline", "ZImageImg2ImgPipeline")
+    samplers = ("FlowMatchEulerDiscreteScheduler",)
+
+    @property
+    def size_factor(self) -> int:
+        return self.pipe.vae_scale_factor * 2
+
+    @property
+    def default_size(self) -> int:
+        return 1024  # ZImagePipeline's default
+
+    def guidance_on(self, guidance_scale: float) -> bool:
+        return guidance_scale > 0
+
+    def batch_key(self, request: DiffusionRequest) -> Any:
+        return None
+
+    def latent_dtype(self) -> torch.dtype:
+        return torch.float32  # the pipeline keeps latents in float32 whatever the model dtype
+
+    def num_latent_channels(self) -> int:
+        return self.transformer.in_channels
+
+    def encode(self, texts: list[str]) -> list[Any]:
+        embeds, _ = self.pipe.encode_prompt(
+            prompt=list(texts),  # encode_prompt rewrites its list in place
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return list(embeds)
+
+    def set_timesteps(self, sampler: Any, request: DiffusionRequest) -> torch.Tensor:
+        latent_h = 2 * (request.height // self.size_factor)
+        latent_w = 2 * (request.width // self.size_factor)
+        mu = calculate_shift(
+            (latent_h // 2) * (latent_w // 2),
+            sampler.config.get("base_image_seq_len", 256),
+            sampler.config.get("max_image_seq_len", 4096),
+            sampler.config.get("base_shift", 0.5),
+            sampler.config.get("max_shift", 1.15),
+        )
+        sigmas = get_default_z_image_sigmas(request.num_inference_steps)
+        timesteps, _ = retrieve_timesteps(sampler, request.num_inference_steps, self.device, sigmas=sigmas, mu=mu)
+        return timesteps
+
+    def predict(self, states: list[DenoiseState]) -> list[torch.Tensor]:
+        latents, times, captions = [], [], []
+        for s in states:
+            for caption in (s.cond, s.uncond) if s.uncond is not None else (s.cond,):
+                latents.append(s.latents[0].to(self.transformer.dtype).unsqueeze(1))
+                times.append((1000 - s.timestep) / 1000)
+                captions.append(caption)
+        out = self.transformer(latents, torch.stack(times), captions, return_dict=False)[0]
+        preds, row = [], 0
+        for s in states:
+            pos = out[row].float()
+            if s.uncond is None:
+                pred, row = pos, row + 1
+            else:
+                pred, row = pos + s.request.guidance_scale * (pos - out[row + 1].float()), row + 2
+            preds.append(-pred.squeeze(1).unsqueeze(0))
+        return preds

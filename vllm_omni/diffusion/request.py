@@ -1,0 +1,131 @@
+"""Requests and outputs of a diffusion (DiT) stage."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+PROMPT_KEYS = ("prompt", "negative_prompt", "image")
+
+
+@dataclass
+class DiffusionSamplingParams:
+    """Per-request parameters of a DiT stage; ``None`` means the stage's default (``DiTConfig``, then the model's).
+
+    A request is image-to-image when its prompt carries an ``image``; ``strength`` (0, 1] then sets how much
+    of the schedule runs (1 = all of it, the init image only seeds the noise).
+    """
+
+    height: int | None = None
+    """Image height in pixels (image-to-image: defaults to the init image's)."""
+    width: int | None = None
+    """Image width in pixels (image-to-image: defaults to the init image's)."""
+    num_inference_steps: int | None = None
+    """Denoising steps of the full schedule."""
+    guidance_scale: float | None = None
+    """Classifier-free guidance scale (the model family decides which values switch guidance off)."""
+    seed: int | None = None
+    """Seed of the request's own generator (initial noise, VAE sampling, stochastic samplers); random if None."""
+    strength: float | None = None
+    """Image-to-image only: share of the schedule to run, in (0, 1] (default 0.6)."""
+    sampler: str | None = None
+    """Diffusers scheduler class name for this request (must be one the model family supports)."""
+    output_type: str = "pil"
+    """``pil`` (list of PIL images), ``np`` (float array in [0, 1], NHWC) or ``latent`` (no VAE decode)."""
+    return_latents: bool = False
+    """Also return the final latents (CPU tensor)."""
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width", "num_inference_steps", "seed"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        for name in ("height", "width"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.guidance_scale is not None and not (
+            _is_number(self.guidance_scale) and math.isfinite(self.guidance_scale) and self.guidance_scale >= 0
+        ):
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
+        if self.strength is not None and not (_is_number(self.strength) and 0 < self.strength <= 1):
+            raise ValueError(f"strength must be in (0, 1], got {self.strength!r}")
+        if self.output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {self.output_type!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DiffusionSamplingParams:
+        """Build from a plain dict, naming any unknown key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown diffusion sampling parameter(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**values)
+
+
+@dataclass
+class DiffusionRequest:
+    """A validated request as the scheduler sees it: parameters resolved, nothing left to default."""
+
+    request_id: str
+    prompt: str
+    negative_prompt: str
+    image: Any
+    """Init image (PIL image, or float tensor CHW/NCHW in [0, 1]) for image-to-image, else None."""
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    strength: float
+    sampler: str
+    output_type: str
+    return_latents: bool
+    batch_key: Any = None
+    """Requests with equal keys can share a transformer forward pass (set by the model family)."""
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class DiffusionOutput:
+    """What a DiT stage returns for one request."""
+
+    request_id: str
+    images: Any = None
+    """List of PIL images (``pil``), float array NHWC in [0, 1] (``np``), or None (``latent``, or on error)."""
+    latents: Any = None
+    """Final latents (CPU tensor) when asked for (``return_latents`` or ``output_type="latent"``)."""
+    seed: int | None = None
+    """The seed the request's generator used (reproduces the image)."""
+    num_steps: int = 0
+    """Denoising steps actually run (image-to-image runs ``strength`` of the schedule)."""
+    error: str | None = None
+    """Why the request failed; None when it succeeded."""
+    finished: bool = True
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Timings in seconds: ``queue`` (arrival to first step) and ``total`` (arrival to output)."""
+
+
+def parse_prompt(prompt: Any) -> dict[str, Any]:
+    """Normalise a prompt (a string or a dict with ``prompt``, ``negative_prompt``, ``image``)."""
+    if isinstance(prompt, str):
+        return {"prompt": prompt, "negative_prompt": None, "image": None}
+    if not isinstance(prompt, dict):
+        raise ValueError(f"a DiT prompt must be a str or a dict, got {type(prompt).__name__}")
+    unknown = sorted(set(prompt) - set(PROMPT_KEYS))
+    if unknown:
+        raise ValueError(f"unknown DiT prompt key(s) {unknown}; allowed: {list(PROMPT_KEYS)}")
+    for key in ("prompt", "negative_prompt"):
+        if prompt.get(key) is not None and not isinstance(prompt[key], str):
+            raise ValueError(f"{key} must be a string, got {type(prompt[key]).__name__}")
+    if not isinstance(prompt.get("prompt"), str):
+        raise ValueError("prompt is required (a string)")
+    return {key: prompt.get(key) for key in PROMPT_KEYS}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,0 +1,62 @@
+"""The DiT stage's engine loop: scheduler + runner (native) or the diffusers pipeline (black box)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm_omni.config.dit import DiTConfig
+from vllm_omni.diffusion.request import DiffusionOutput, DiffusionSamplingParams
+from vllm_omni.v1.core.sched.diffusion_scheduler import OmniDiffusionScheduler
+from vllm_omni.v1.worker.diffusion_model_runner import OmniDiffusionModelRunner
+
+
+class DiffusionEngine:
+    """Serves diffusion requests with step-level batching.
+
+    ``add_request`` validates at once (ValueError naming the field) and never disturbs running requests;
+    each ``step`` runs one denoising step of the running batch and returns the requests that ended
+    (finished, failed or aborted are all reported once).
+    """
+
+    def __init__(self, model_path: str, config: DiTConfig | None = None) -> None:
+        self.config = config or DiTConfig()
+        self.runner = OmniDiffusionModelRunner(model_path, self.config)
+        self.scheduler = OmniDiffusionScheduler(self.config.max_batch_size, self.config.max_waiting_requests)
+        self._pending: list[DiffusionOutput] = []
+
+    def add_request(self, request_id: str, prompt: Any, params: DiffusionSamplingParams | None = None) -> None:
+        """Validate and queue a request (``prompt``: a string or ``{"prompt", "negative_prompt", "image"}``)."""
+        request = self.runner.make_request(request_id, prompt, params or DiffusionSamplingParams())
+        self.scheduler.add_request(request)
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        """Stop these requests at once; their latents and conditioning are released before the next step."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        for request_id in self.scheduler.abort_requests(ids):
+            self._pending.append(DiffusionOutput(request_id=request_id, error="aborted"))
+        self.runner.free(ids)
+
+    def step(self) -> list[DiffusionOutput]:
+        """One denoising step of every running request; returns the requests that ended."""
+        plan = self.scheduler.schedule()
+        self.runner.free(plan.freed_request_ids)
+        outputs, self._pending = self._pending, []
+        outputs += self.runner.add_requests(plan.new_requests)
+        finished, failed = self.runner.execute(plan.groups)
+        outputs += failed + self.runner.take_outputs(finished)
+        self.scheduler.finish_requests([o.request_id for o in outputs])
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests() or bool(self._pending)
+
+    def memory_stats(self) -> dict[str, int]:
+        """Requests and bytes held: running/waiting counts, running-state bytes, conditioning-cache bytes."""
+        running, waiting = self.scheduler.num_requests()
+        return {
+            "running": running,
+            "waiting": waiting,
+            "states": len(self.runner.states),
+            "running_bytes": self.runner.running_bytes(),
+            "cache_bytes": self.runner.conditioning_cache.stats.bytes,
+        }

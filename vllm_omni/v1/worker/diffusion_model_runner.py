@@ -1,0 +1,197 @@
+"""Drives the denoising loop of a native DiT family for a running batch of requests.
+
+The runner loads the diffusers folder with diffusers' classes, turns validated requests into denoising
+states (text encoding through the conditioning cache, per-request noise and sampler), runs one denoising
+step per scheduler group in one transformer forward pass, and decodes finished latents in batches.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from vllm_omni.config.dit import DiTConfig
+from vllm_omni.diffusion.cache_manager import DiTCacheManager, conditioning_key
+from vllm_omni.diffusion.models import DenoiseState, resolve_family
+from vllm_omni.diffusion.request import DiffusionOutput, DiffusionRequest, DiffusionSamplingParams, parse_prompt
+
+DEFAULT_STRENGTH = 0.6  # diffusers' image-to-image default
+
+
+class OmniDiffusionModelRunner:
+    """Model, conditioning cache and per-request denoising states of one DiT stage."""
+
+    def __init__(self, model_path: str, config: DiTConfig) -> None:
+        from diffusers import DiffusionPipeline
+
+        self.config = config
+        family_cls = resolve_family(model_path, config.model_type)
+        device, dtype = config.torch_device(), config.torch_dtype()
+        pipe = DiffusionPipeline.from_pretrained(model_path, torch_dtype=dtype).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        if config.attention_backend == "xformers":
+            pipe.enable_xformers_memory_efficient_attention()
+        self.family = family_cls(pipe, device, dtype)
+        self.default_sampler = config.scheduler or type(pipe.scheduler).__name__
+        self._check_sampler(self.default_sampler, "DiTConfig.scheduler")
+        cache = config.cache
+        self.conditioning_cache = DiTCacheManager(cache.conditioning_cache_bytes, cache.conditioning_cache_policy)
+        self.states: dict[str, DenoiseState] = {}
+        self._started: dict[str, float] = {}
+
+    # ---- validation --------------------------------------------------------------------------------
+    def make_request(self, request_id: str, prompt: Any, params: DiffusionSamplingParams) -> DiffusionRequest:
+        """Validate ``prompt`` and ``params`` against the model and resolve every default."""
+        parsed = parse_prompt(prompt)
+        image, family, config = parsed["image"], self.family, self.config
+        if image is None and params.strength is not None:
+            raise ValueError("strength is for image-to-image: pass the init image as prompt['image']")
+        image_h, image_w = _image_size(image) if image is not None else (None, None)
+        height = params.height or config.height or image_h or family.default_size
+        width = params.width or config.width or image_w or family.default_size
+        for name, value, limit in (("height", height, config.max_height), ("width", width, config.max_width)):
+            if value % family.size_factor:
+                raise ValueError(f"{name} must be a multiple of {family.size_factor} for {family.name}, got {value}")
+            if value > limit:
+                raise ValueError(f"{name} {value} exceeds the stage's maximum (DiTConfig.max_{name}={limit})")
+        sampler = params.sampler or self.default_sampler
+        self._check_sampler(sampler, "sampler")
+        request = DiffusionRequest(
+            request_id=request_id,
+            prompt=parsed["prompt"],
+            negative_prompt=parsed["negative_prompt"] or "",
+            image=image,
+            height=height,
+            width=width,
+            num_inference_steps=_first(params.num_inference_steps, config.num_inference_steps, family.default_steps),
+            guidance_scale=float(_first(params.guidance_scale, config.guidance_scale, family.default_guidance)),
+            seed=params.seed if params.seed is not None else secrets.randbits(63),
+            strength=_first(params.strength, DEFAULT_STRENGTH),
+            sampler=sampler,
+            output_type=params.output_type,
+            return_latents=params.return_latents,
+        )
+        if image is not None and family.image_to_image_steps(request) < 1:
+            raise ValueError(
+                f"strength {request.strength} x num_inference_steps {request.num_inference_steps} leaves no "
+                "denoising step; raise one of them"
+            )
+        request.batch_key = family.batch_key(request)
+        return request
+
+    def _check_sampler(self, name: str, field: str) -> None:
+        if name not in self.family.samplers:
+            raise ValueError(f"{field} {name!r} is not supported by {self.family.name}; allowed: {self.family.samplers}")
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def add_requests(self, requests: list[DiffusionRequest]) -> list[DiffusionOutput]:
+        """Set up denoising states; returns error outputs of requests that could not be set up."""
+        texts = {r.prompt for r in requests}
+        texts |= {r.negative_prompt for r in requests if self.family.guidance_on(r.guidance_scale)}
+        conditioning = self._conditioning(sorted(texts))
+        failed = []
+        for r in requests:
+            uncond = conditioning[r.negative_prompt] if self.family.guidance_on(r.guidance_scale) else None
+            try:
+                self.states[r.request_id] = self.family.prepare(r, conditioning[r.prompt], uncond)
+                self._started[r.request_id] = time.monotonic()
+            except Exception as exc:  # a bad init image must not stop the others
+                failed.append(_error_output(r, exc))
+        return failed
+
+    def _conditioning(self, texts: list[str]) -> dict[str, Any]:
+        keys = {text: conditioning_key(self.family.encoder_id, text, None) for text in texts}
+        found = {text: self.conditioning_cache.get(key) for text, key in keys.items()}
+        missing = [text for text, value in found.items() if value is None]
+        if missing:
+            for text, value in zip(missing, self.family.encode(missing)):
+                self.conditioning_cache.put(keys[text], value)
+                found[text] = value
+        return found
+
+    @torch.inference_mode()
+    def execute(self, groups: list[list[str]]) -> tuple[list[str], list[DiffusionOutput]]:
+        """One denoising step for each group; returns (finished ids, error outputs of failed requests)."""
+        finished, failed = [], []
+        for ids in groups:
+            states = [self.states[i] for i in ids if i in self.states]
+            try:
+                self._denoise_step(states)
+            except Exception as exc:  # fail this group, keep serving the others
+                failed += [_error_output(s.request, exc) for s in states]
+                self.free([s.request.request_id for s in states])
+                continue
+            finished += [s.request.request_id for s in states if s.finished]
+        return finished, failed
+
+    def _denoise_step(self, states: list[DenoiseState]) -> None:
+        for state, output in zip(states, self.family.predict(states)):
+            self.family.step(state, output)
+
+    @torch.inference_mode()
+    def take_outputs(self, request_ids: list[str]) -> list[DiffusionOutput]:
+        """Decode finished requests (one VAE pass per image shape) and release their states."""
+        states = [self.states[i] for i in request_ids]
+        images: dict[str, Any] = {}
+        to_decode = [s for s in states if s.request.output_type != "latent"]
+        for shape in {tuple(s.latents.shape) for s in to_decode}:
+            group = [s for s in to_decode if tuple(s.latents.shape) == shape]
+            decoded = self.family.decode(torch.cat([s.latents for s in group]), output_type="pt")
+            for i, s in enumerate(group):
+                images[s.request.request_id] = self._postprocess(decoded[i : i + 1], s.request.output_type)
+        outputs = [self._output(s, images.get(s.request.request_id)) for s in states]
+        self.free(request_ids)
+        return outputs
+
+    def _postprocess(self, image: torch.Tensor, output_type: str) -> Any:
+        return self.family.pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=[False])
+
+    def _output(self, state: DenoiseState, images: Any) -> DiffusionOutput:
+        request = state.request
+        want_latents = request.return_latents or request.output_type == "latent"
+        now = time.monotonic()
+        return DiffusionOutput(
+            request_id=request.request_id,
+            images=images,
+            latents=state.latents.detach().cpu() if want_latents else None,
+            seed=request.seed,
+            num_steps=state.step_index,
+            metrics={
+                "queue": self._started[request.request_id] - request.arrival_time,
+                "total": now - request.arrival_time,
+            },
+        )
+
+    def free(self, request_ids: list[str]) -> None:
+        """Release the states of these requests (finished, failed or aborted)."""
+        for request_id in request_ids:
+            self.states.pop(request_id, None)
+            self._started.pop(request_id, None)
+
+    def running_bytes(self) -> int:
+        """Bytes held by the denoising states of the running batch."""
+        return sum(s.nbytes() for s in self.states.values())
+
+
+def _first(*values: Any) -> Any:
+    return next(v for v in values if v is not None)
+
+
+def _image_size(image: Any) -> tuple[int, int]:
+    if hasattr(image, "size") and not isinstance(image, (torch.Tensor, np.ndarray)):
+        width, height = image.size  # PIL
+        return height, width
+    if isinstance(image, np.ndarray) and image.ndim in (3, 4):
+        return image.shape[-3], image.shape[-2]  # (N)HWC
+    if isinstance(image, torch.Tensor) and image.ndim in (3, 4) and (image.ndim == 3 or image.shape[0] == 1):
+        return image.shape[-2], image.shape[-1]  # (1)CHW
+    raise ValueError("image must be a PIL image, an HWC numpy array or a CHW tensor (values in [0, 1])")
+
+
+def _error_output(request: DiffusionRequest, exc: Exception) -> DiffusionOutput:
+    return DiffusionOutput(request_id=request.request_id, seed=request.seed, error=f"{type(exc).__name__}: {exc}")
