@@ -51,7 +51,7 @@ class DiTConfig:
     model_type: str = "auto"
     """Native model family (``sd3``, ``z_image``) or ``auto`` to pick it from ``model_index.json``."""
     scheduler: str | None = None
-    """Default sampler: a diffusers scheduler class name compatible with the model (``None``: the folder's)."""
+    """Default sampler: a diffusers scheduler class name the model supports (``None``: the folder's)."""
     num_inference_steps: int | None = None
     """Default number of denoising steps."""
     guidance_scale: float | None = None

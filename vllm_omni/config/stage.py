@@ -20,7 +20,7 @@ class OmniStageConfig:
     engine_type: str
     """``ar`` (vLLM engine) or ``dit`` (diffusion engine)."""
     model_path: str
-    """Model folder (Hugging Face layout for ``ar``, diffusers layout with ``model_index.json`` for ``dit``)."""
+    """Model folder (Hugging Face layout for ``ar``; diffusers layout, ``model_index.json``, for ``dit``)."""
     input_modalities: list[str] = field(default_factory=lambda: ["text"])
     """What the stage consumes: any of ``text``, ``image``, ``latent``, ``hidden_states``."""
     output_modalities: list[str] = field(default_factory=lambda: ["text"])
@@ -37,7 +37,8 @@ class OmniStageConfig:
         if not isinstance(self.stage_id, int) or self.stage_id < 0:
             raise ValueError(f"{where}: stage_id must be an integer >= 0")
         if self.engine_type not in ENGINE_TYPES:
-            raise ValueError(f"{where}: engine_type must be one of {list(ENGINE_TYPES)}, got {self.engine_type!r}")
+            allowed = list(ENGINE_TYPES)
+            raise ValueError(f"{where}: engine_type must be one of {allowed}, got {self.engine_type!r}")
         if not self.model_path:
             raise ValueError(f"{where}: model_path is required")
         for key in ("input_modalities", "output_modalities"):

@@ -13,7 +13,7 @@ PROMPT_KEYS = ("prompt", "negative_prompt", "image")
 
 @dataclass
 class DiffusionSamplingParams:
-    """Per-request parameters of a DiT stage; ``None`` means the stage's default (``DiTConfig``, then the model's).
+    """Per-request parameters of a DiT stage; ``None``: the stage's default (``DiTConfig``, then the model's).
 
     A request is image-to-image when its prompt carries an ``image``; ``strength`` (0, 1] then sets how much
     of the schedule runs (1 = all of it, the init image only seeds the noise).
@@ -28,7 +28,7 @@ class DiffusionSamplingParams:
     guidance_scale: float | None = None
     """Classifier-free guidance scale (the model family decides which values switch guidance off)."""
     seed: int | None = None
-    """Seed of the request's own generator (initial noise, VAE sampling, stochastic samplers); random if None."""
+    """Seed of the request's own generator (noise, VAE sampling, stochastic samplers); random if None."""
     strength: float | None = None
     """Image-to-image only: share of the schedule to run, in (0, 1] (default 0.6)."""
     sampler: str | None = None
@@ -48,9 +48,8 @@ class DiffusionSamplingParams:
         for name in ("height", "width"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.guidance_scale is not None and not (
-            _is_number(self.guidance_scale) and math.isfinite(self.guidance_scale) and self.guidance_scale >= 0
-        ):
+        guidance = self.guidance_scale
+        if guidance is not None and not (_is_number(guidance) and math.isfinite(guidance) and guidance >= 0):
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
         if self.strength is not None and not (_is_number(self.strength) and 0 < self.strength <= 1):
             raise ValueError(f"strength must be in (0, 1], got {self.strength!r}")
@@ -96,7 +95,7 @@ class DiffusionOutput:
 
     request_id: str
     images: Any = None
-    """List of PIL images (``pil``), float array NHWC in [0, 1] (``np``), or None (``latent``, or on error)."""
+    """List of PIL images (``pil``), float array NHWC in [0, 1] (``np``), or None (``latent``, errors)."""
     latents: Any = None
     """Final latents (CPU tensor) when asked for (``return_latents`` or ``output_type="latent"``)."""
     seed: int | None = None

@@ -24,7 +24,9 @@ class OmniLLM:
     def __init__(self, stages: Sequence[OmniStageConfig]) -> None:
         stages = list(stages)
         if len(stages) != 1 or stages[0].engine_type != "dit":
-            raise NotImplementedError("OmniLLM serves one 'dit' stage for now; multi-stage pipelines come next")
+            raise NotImplementedError(
+                "OmniLLM serves one 'dit' stage for now; multi-stage pipelines are next"
+            )
         self.stages = stages
         stage = stages[0]
         self.engine = DiffusionEngine(stage.model_path, stage.dit_config)
@@ -47,7 +49,7 @@ class OmniLLM:
         ids = [str(next(self._ids)) for _ in prompts]
         added = []
         try:
-            for request_id, prompt, p in zip(ids, prompts, params):
+            for request_id, prompt, p in zip(ids, prompts, params, strict=True):
                 self.engine.add_request(request_id, prompt, p)
                 added.append(request_id)
         except Exception:
@@ -56,7 +58,7 @@ class OmniLLM:
                 self.engine.step()
             raise
         results = self._run(set(ids), use_tqdm)
-        return [self._request_output(i, prompt, results[i]) for i, prompt in zip(ids, prompts)]
+        return [self._request_output(i, prompt, results[i]) for i, prompt in zip(ids, prompts, strict=True)]
 
     def _run(self, ids: set[str], use_tqdm: bool) -> dict[str, DiffusionOutput]:
         results: dict[str, DiffusionOutput] = {}

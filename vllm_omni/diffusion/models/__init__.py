@@ -26,7 +26,8 @@ def resolve_family(model_path: str, model_type: str = "auto") -> type[DiTFamily]
     """The family serving ``model_path``: ``model_type`` when given, else the one its pipeline class names."""
     if model_type != "auto":
         if model_type not in FAMILIES:
-            raise ValueError(f"DiTConfig.model_type must be 'auto' or one of {sorted(FAMILIES)}, got {model_type!r}")
+            allowed = ["auto", *sorted(FAMILIES)]
+            raise ValueError(f"DiTConfig.model_type must be one of {allowed}, got {model_type!r}")
         return FAMILIES[model_type]
     class_name = pipeline_class_name(model_path)
     for family in FAMILIES.values():

@@ -142,12 +142,14 @@ class DiTFamily:
         return timesteps[start:]
 
     def _noised_image_latents(self, sampler, timestep, request: DiffusionRequest, generator):
-        image = self.pipe.image_processor.preprocess(request.image, height=request.height, width=request.width)
+        processor = self.pipe.image_processor
+        image = processor.preprocess(request.image, height=request.height, width=request.width)
         image = image.to(device=self.device, dtype=self.latent_dtype())
         vae = self.pipe.vae
         init = retrieve_latents(vae.encode(image), generator=generator)
         init = (init - vae.config.shift_factor) * vae.config.scaling_factor
-        noise = randn_tensor(init.shape, generator=generator, device=torch.device(self.device), dtype=init.dtype)
+        device = torch.device(self.device)
+        noise = randn_tensor(init.shape, generator=generator, device=device, dtype=init.dtype)
         return sampler.scale_noise(init, timestep, noise).to(self.latent_dtype())
 
     # ---- the batched step --------------------------------------------------------------------------

@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+    calculate_shift,
+    retrieve_timesteps,
+)
 
 from vllm_omni.diffusion.models.base import DenoiseState, DiTFamily
 from vllm_omni.diffusion.request import DiffusionRequest

@@ -16,7 +16,7 @@ from vllm_omni.diffusion.request import DiffusionRequest
 
 
 class ZImageFamily(DiTFamily):
-    """Conditioning per text: the LM's hidden states of its real tokens ``(L_text, D)``; guidance is on above 0.
+    """Conditioning per text: the LM's hidden states of its real tokens ``(L, D)``; guidance is on above 0.
 
     The transformer takes lists of latents and captions, so requests of any image size and caption length
     share a forward pass.
@@ -66,7 +66,8 @@ class ZImageFamily(DiTFamily):
             sampler.config.get("max_shift", 1.15),
         )
         sigmas = get_default_z_image_sigmas(request.num_inference_steps)
-        timesteps, _ = retrieve_timesteps(sampler, request.num_inference_steps, self.device, sigmas=sigmas, mu=mu)
+        steps = request.num_inference_steps
+        timesteps, _ = retrieve_timesteps(sampler, steps, self.device, sigmas=sigmas, mu=mu)
         return timesteps
 
     def predict(self, states: list[DenoiseState]) -> list[torch.Tensor]:

