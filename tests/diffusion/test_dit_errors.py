@@ -20,7 +20,7 @@ SMALL = dict(height=32, width=32, num_inference_steps=3, seed=0)
         ("x", dict(num_inference_steps=0), "num_inference_steps must be >= 1"),
         ("x", dict(num_inference_steps=2.5), "num_inference_steps must be an integer"),
         ("x", dict(guidance_scale=float("nan")), "guidance_scale must be a finite number >= 0"),
-        ("x", dict(strength=0.5), r"strength is for image-to-image: pass the init image as prompt\['image'\]"),
+        ("x", dict(strength=0.5), r"strength is for image-to-image: pass the init image as prompt\['image"),
         ({"prompt": "x", "image": "img.png"}, dict(), "image must be a PIL image"),
         ("x", dict(sampler="DDIMScheduler"), "sampler 'DDIMScheduler' is not supported by"),
         ("x", dict(output_type="jpeg"), "output_type must be one of"),
@@ -46,7 +46,8 @@ def test_abort_at_any_step_frees_the_request(dit_engine):
     baseline = dit_engine.memory_stats()
     assert baseline["running"] == baseline["states"] == baseline["running_bytes"] == 0
     for i in range(3):
-        dit_engine.add_request(f"a{i}", "a red sunset", Params(**{**SMALL, "num_inference_steps": 6, "seed": i}))
+        params = Params(**{**SMALL, "num_inference_steps": 6, "seed": i})
+        dit_engine.add_request(f"a{i}", "a red sunset", params)
     dit_engine.step()
     dit_engine.step()
     assert dit_engine.memory_stats()["running_bytes"] > 0

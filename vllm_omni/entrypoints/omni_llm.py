@@ -11,7 +11,7 @@ from tqdm import tqdm
 from vllm_omni.config.stage import OmniStageConfig
 from vllm_omni.core.outputs import OmniRequestOutput
 from vllm_omni.diffusion.request import DiffusionOutput, DiffusionSamplingParams
-from vllm_omni.v1.engine.diffusion_engine import DiffusionEngine
+from vllm_omni.v1.engine.diffusion_engine import create_diffusion_engine
 
 
 class OmniLLM:
@@ -29,7 +29,7 @@ class OmniLLM:
             )
         self.stages = stages
         stage = stages[0]
-        self.engine = DiffusionEngine(stage.model_path, stage.dit_config)
+        self.engine = create_diffusion_engine(stage.model_path, stage.dit_config)
         self._ids = count()
 
     def generate(

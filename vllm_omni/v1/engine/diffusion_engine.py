@@ -7,6 +7,7 @@ from typing import Any
 from vllm_omni.config.dit import DiTConfig
 from vllm_omni.diffusion.request import DiffusionOutput, DiffusionSamplingParams
 from vllm_omni.v1.core.sched.diffusion_scheduler import OmniDiffusionScheduler
+from vllm_omni.v1.executor.diffusers_executor import DiffusersPipelineExecutor
 from vllm_omni.v1.worker.diffusion_model_runner import OmniDiffusionModelRunner
 
 
@@ -27,7 +28,7 @@ class DiffusionEngine:
     def add_request(
         self, request_id: str, prompt: Any, params: DiffusionSamplingParams | None = None
     ) -> None:
-        """Validate and queue a request; ``prompt``: a string or ``{"prompt", "negative_prompt", "image"}``."""
+        """Validate and queue a request; ``prompt``: a string or a dict (prompt, negative_prompt, image)."""
         request = self.runner.make_request(request_id, prompt, params or DiffusionSamplingParams())
         self.scheduler.add_request(request)
 
@@ -62,3 +63,11 @@ class DiffusionEngine:
             "running_bytes": self.runner.running_bytes(),
             "cache_bytes": self.runner.conditioning_cache.stats.bytes,
         }
+
+
+def create_diffusion_engine(model_path: str, config: DiTConfig | None = None):
+    """The native step-level engine, or the diffusers pipeline as a black box when ``use_diffusers``."""
+    config = config or DiTConfig()
+    if config.use_diffusers:
+        return DiffusersPipelineExecutor(model_path, config)
+    return DiffusionEngine(model_path, config)

@@ -1,0 +1,94 @@
+"""OmniLLM with one DiT stage, and the diffusers black-box executor against the native engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.diffusion.conftest import GUIDANCE, run_all
+from tests.diffusion.test_dit_engine import init_image
+from vllm_omni.config.stage import create_dit_stage_config
+from vllm_omni.core.outputs import OmniRequestOutput
+from vllm_omni.diffusion.request import DiffusionSamplingParams as Params
+from vllm_omni.entrypoints.omni_llm import OmniLLM
+from vllm_omni.v1.engine.diffusion_engine import create_diffusion_engine
+
+
+@pytest.fixture(scope="module")
+def omni(dit_path):
+    stage = create_dit_stage_config(
+        0, dit_path, ["text"], ["image"], num_inference_steps=3, height=32, width=32
+    )
+    return OmniLLM([stage])
+
+
+def test_generate_returns_images_in_order(omni):
+    outputs = omni.generate(
+        [{"prompt": "A beautiful landscape"}, "The cat sat on the mat"],
+        [Params(seed=1), {"seed": 2, "num_inference_steps": 2}],
+        use_tqdm=False,
+    )
+    assert [type(o) for o in outputs] == [OmniRequestOutput] * 2
+    assert outputs[0].prompt == {"prompt": "A beautiful landscape"}
+    for out, steps in zip(outputs, (3, 2), strict=True):
+        assert out.error is None and isinstance(out.images[0], Image.Image)
+        assert out.stage_outputs[0].num_steps == steps
+    again = omni.generate("A beautiful landscape", {"seed": 1}, use_tqdm=False)[0]
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(outputs[0].images[0]))
+
+
+def test_bad_prompt_fails_the_call_and_leaves_nothing_queued(omni):
+    with pytest.raises(ValueError, match="height must be a multiple of"):
+        omni.generate(["fine", "bad"], [{"seed": 1}, {"height": 31}], use_tqdm=False)
+    assert not omni.engine.has_unfinished_requests()
+    assert omni.engine.memory_stats()["states"] == 0
+    with pytest.raises(ValueError, match="sampling_params has 1 entries for 2 prompts"):
+        omni.generate(["a", "b"], [{"seed": 1}], use_tqdm=False)
+
+
+def test_stage_config_validation(dit_path):
+    with pytest.raises(ValueError, match=r"stage 0: engine_type must be one of \['ar', 'dit'\]"):
+        create_dit_stage_config(0, dit_path).__class__(stage_id=0, engine_type="gan", model_path=dit_path)
+    with pytest.raises(ValueError, match=r"stage 1: output_modalities must be a non-empty list"):
+        create_dit_stage_config(1, dit_path, ["text"], ["video"])
+    with pytest.raises(ValueError, match=r"DiTConfig: unknown key\(s\) \['steps'\]"):
+        create_dit_stage_config(0, dit_path, steps=3)
+
+
+def test_diffusers_executor_matches_native_engine(dit_family, dit_path, dit_engine):
+    """The black-box path batches requests with equal arguments in one call; images equal the native ones."""
+    executor = create_diffusion_engine(dit_path, dit_engine.config.__class__(use_diffusers=True))
+    g = GUIDANCE[dit_family]
+    requests = [
+        ("e0", {"prompt": "A beautiful landscape", "negative_prompt": "blurry"}, dict(seed=1)),
+        ("e1", "The cat sat on the mat", dict(seed=2)),
+        ("e2", {"prompt": "a red sunset", "image": init_image()}, dict(seed=3, strength=0.8)),
+    ]
+    for engine in (executor, dit_engine):
+        for rid, prompt, extra in requests:
+            engine.add_request(rid, prompt, Params(height=32, width=32, num_inference_steps=3, guidance_scale=g,
+                                                   output_type="np", **extra))  # fmt: skip
+    first_call = executor.step()
+    assert sorted(o.request_id for o in first_call) == ["e0", "e1"]  # equal arguments: one call
+    ours = {o.request_id: o for o in first_call} | run_all(executor)
+    native = run_all(dit_engine)
+    for rid, _, _ in requests:
+        assert ours[rid].error is None
+        assert np.abs(ours[rid].images - native[rid].images).max() < 1e-3, rid
+
+
+def test_diffusers_executor_refuses_what_it_cannot_do(dit_path):
+    from vllm_omni.config.dit import DiTConfig
+
+    executor = create_diffusion_engine(dit_path, DiTConfig(use_diffusers=True))
+    with pytest.raises(ValueError, match="return_latents is not available with use_diffusers"):
+        executor.add_request("x", "a", Params(return_latents=True))
+    with pytest.raises(ValueError, match="the diffusers executor runs the folder's own scheduler"):
+        executor.add_request("x", "a", Params(sampler="FlowMatchEulerDiscreteScheduler"))
+    executor.add_request("bad", "a", Params(height=31, width=32, num_inference_steps=1))
+    executor.add_request("aborted", "a", Params(height=32, width=32, num_inference_steps=1))
+    executor.abort_request("aborted")
+    outputs = run_all(executor)
+    assert outputs["aborted"].error == "aborted"
+    assert outputs["bad"].error.startswith("ValueError")  # the pipeline's own check, reported per request

@@ -1,0 +1,1 @@
+"""Executors of non-vLLM stage engines."""
