@@ -107,3 +107,26 @@ def test_seed_defaults_to_random_but_is_reported(dit_engine):
     first = run_all(dit_engine)["s1"]
     dit_engine.add_request("s2", "a red sunset", Params(**{**params.__dict__, "seed": first.seed}))
     assert np.array_equal(run_all(dit_engine)["s2"].images, first.images)
+
+
+def test_step_cache_skips_steps_per_request_and_stays_close(dit_path):
+    """First-block cache: some rows skip the other blocks, images stay close (PSNR), memory is released."""
+    from vllm_omni.config.dit import DiTConfig
+    from vllm_omni.v1.engine.diffusion_engine import DiffusionEngine
+
+    images = {}
+    for step_cache in (None, "first_block"):
+        engine = DiffusionEngine(
+            dit_path, DiTConfig(cache={"step_cache": step_cache, "step_cache_threshold": 0.2})
+        )
+        for i in range(2):
+            params = Params(height=32, width=32, num_inference_steps=12 + 4 * i, guidance_scale=3.0, seed=i,
+                            output_type="np")  # fmt: skip
+            engine.add_request(str(i), PROMPTS[i], params)
+        images[step_cache] = {k: o.images for k, o in run_all(engine).items()}
+    cache = engine.runner.step_cache
+    assert cache.skipped > 0 and cache.computed > 0
+    assert engine.memory_stats()["running_bytes"] == 0
+    for key, reference in images[None].items():
+        mse = float(np.mean((images["first_block"][key] - reference) ** 2))
+        assert 0 < mse and 10 * np.log10(1 / mse) > 30  # close to the uncached image, not identical

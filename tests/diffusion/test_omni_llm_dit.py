@@ -67,8 +67,9 @@ def test_diffusers_executor_matches_native_engine(dit_family, dit_path, dit_engi
     ]
     for engine in (executor, dit_engine):
         for rid, prompt, extra in requests:
-            engine.add_request(rid, prompt, Params(height=32, width=32, num_inference_steps=3, guidance_scale=g,
-                                                   output_type="np", **extra))  # fmt: skip
+            params = Params(height=32, width=32, num_inference_steps=3, guidance_scale=g, output_type="np",
+                            **extra)  # fmt: skip
+            engine.add_request(rid, prompt, params)
     first_call = executor.step()
     assert sorted(o.request_id for o in first_call) == ["e0", "e1"]  # equal arguments: one call
     ours = {o.request_id: o for o in first_call} | run_all(executor)

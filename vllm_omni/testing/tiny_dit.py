@@ -10,6 +10,11 @@ Registered in ``tiny_models.TINY_MODELS`` as ``"sd3"`` and ``"z_image"``.
 
 from __future__ import annotations
 
+import json
+import math
+import re
+import string
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -23,8 +28,8 @@ LATENT_CHANNELS = 16
 # The pipelines check height and width against this.
 SIZE_MULTIPLE = VAE_SCALE_FACTOR * PATCH_SIZE
 
-# SD3's two CLIP encoders differ in size (CLIP-L, OpenCLIP bigG); their hidden states, concatenated, are padded
-# to T5's width and their projections concatenated into the pooled embedding.
+# SD3's two CLIP encoders differ in size (CLIP-L, OpenCLIP bigG); their hidden states, concatenated, are
+# padded to T5's width and their projections concatenated into the pooled embedding.
 SD3_CLIP_DIMS = (
     dict(hidden_size=32, intermediate_size=64, projection_dim=32),
     dict(hidden_size=64, intermediate_size=128, projection_dim=64),
@@ -35,23 +40,41 @@ T5_MAX_LENGTH = 512
 
 
 def clip_tokenizer():
-    """CLIP's byte-level BPE (lower case, ``</w>`` word ends) trained on the shared tiny corpus."""
+    """CLIP's byte-level BPE (lower case, ``</w>`` word ends) trained on the shared tiny corpus.
+
+    Like CLIP's vocabulary, every byte comes alone and as a word end (``"a"``, ``"a</w>"``), so no text is
+    unknown. Listing the word ends up front also makes training deterministic: otherwise ``tokenizers``
+    numbers them in hash-map order, which breaks ties between merges differently in every process.
+    """
+    from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
     empty = CLIPTokenizer(vocab={"<|startoftext|>": 0, "<|endoftext|>": 1}, merges=[])
-    tok = empty.train_new_from_iterator([list(CORPUS)], vocab_size=512, show_progress=False)
-    tok.model_max_length = CLIP_MAX_LENGTH
-    return tok
+    word_ends = [char + "</w>" for char in sorted(pre_tokenizers.ByteLevel.alphabet())]
+    trained = empty.train_new_from_iterator(
+        [list(CORPUS)], vocab_size=1024, new_special_tokens=word_ends, show_progress=False
+    )
+    # Rebuilt from the BPE model alone: the word ends are ordinary tokens, not special ones.
+    bpe = json.loads(trained.backend_tokenizer.to_str())["model"]
+    merges = [tuple(merge) for merge in bpe["merges"]]
+    return CLIPTokenizer(vocab=bpe["vocab"], merges=merges, model_max_length=CLIP_MAX_LENGTH)
 
 
 def t5_tokenizer():
-    """T5's Unigram tokenizer (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, no sentinels) trained on the tiny corpus."""
+    """T5's Unigram tokenizer (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, no sentinels) over the tiny corpus.
+
+    Written out rather than trained (``tokenizers``' Unigram trainer is not deterministic): each corpus word
+    is a piece scored by its frequency, and every printable ASCII character is a fallback piece.
+    """
     from transformers import T5Tokenizer
 
-    empty = T5Tokenizer(extra_ids=0)
-    tok = empty.train_new_from_iterator([list(CORPUS)], vocab_size=256, show_progress=False)
-    tok.model_max_length = T5_MAX_LENGTH
-    return tok
+    space = "\u2581"  # SentencePiece's word start
+    words = Counter(space + word for line in CORPUS for word in re.findall(r"\w+", line))
+    total = sum(words.values())
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), (space, -5.0)]
+    vocab += [(word, math.log(n / total)) for word, n in sorted(words.items(), key=lambda w: (-w[1], w[0]))]
+    vocab += [(char, -10.0) for char in sorted(set(string.printable) - set(string.whitespace))]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=T5_MAX_LENGTH)
 
 
 def _vae(scaling_factor: float, shift_factor: float):
@@ -165,7 +188,9 @@ def build_z_image(out: Path) -> None:
     )
     ZImagePipeline(
         # Z-Image-Turbo's scheduler config.
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False),
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False
+        ),
         vae=_vae(scaling_factor=0.3611, shift_factor=0.1159),  # the Flux VAE's factors
         text_encoder=text_encoder,
         tokenizer=tokenizer,

@@ -1,9 +1,10 @@
 """Tiny random-weight checkpoints for tests, the demo and benchmarks (no hub access at run time).
 
 Each builder makes a real Hugging Face folder with the real ``transformers`` classes at tiny size,
-seeded and deterministic. ``tiny_model_path(name)`` returns the cached folder and rebuilds it only when
-the builder's definition (the source of its module and of the shared tokenizer) or the installed
-``transformers`` version changes.
+seeded and deterministic; the DiT families (``sd3``, ``z_image``, see ``tiny_dit``) are diffusers folders.
+``tiny_model_path(name)`` returns the cached folder and rebuilds it only when the builder's definition (the
+source of its module and of the shared tokenizer, and the checkpoints it embeds) or the installed
+``transformers``/``diffusers`` version changes.
 
 CLI: ``python -m vllm_omni.testing.tiny_models --out DIR [NAMES...]``.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from vllm_omni.testing import tiny_dit
 from vllm_omni.testing import tokenizer as tokenizer_module
 
 CACHE_ENV = "VLLM_OMNI_TINY_MODELS_DIR"
@@ -128,7 +130,13 @@ def _classic_key(key: str) -> str:
 TINY_MODELS: dict[str, Callable[[Path], None]] = {
     "qwen3": build_qwen3,
     "llava": build_llava,
+    "sd3": tiny_dit.build_sd3,
+    "z_image": tiny_dit.build_z_image,
 }
+# Diffusers-format checkpoints, and the tiny checkpoints a checkpoint is made from (z_image's text encoder and
+# tokenizer are qwen3's): both count in its fingerprint.
+DIFFUSERS_FORMAT = frozenset({"sd3", "z_image"})
+MADE_FROM: dict[str, tuple[str, ...]] = {"z_image": ("qwen3",)}
 
 
 def cache_root() -> Path:
@@ -140,7 +148,8 @@ def cache_root() -> Path:
 
 
 def fingerprint(name: str) -> str:
-    """Hash of what defines checkpoint ``name``: its builder's module, the tokenizer, transformers."""
+    """Hash of what defines checkpoint ``name``: its builder's module, the tokenizer, the checkpoints it is
+    made from, transformers (and diffusers) versions."""
     import transformers
 
     builder = _builder(name)
@@ -148,6 +157,12 @@ def fingerprint(name: str) -> str:
     for module in (inspect.getmodule(builder), tokenizer_module):
         digest.update(inspect.getsource(module).encode())
     digest.update(f"{name} {transformers.__version__} {torch.__version__}".encode())
+    if name in DIFFUSERS_FORMAT:
+        import diffusers
+
+        digest.update(f" diffusers {diffusers.__version__}".encode())
+    for source in MADE_FROM.get(name, ()):
+        digest.update(f" {source} {fingerprint(source)}".encode())
     return digest.hexdigest()[:12]
 
 

@@ -52,6 +52,17 @@ class DenoiseState:
         return value_nbytes([self.latents, self.timesteps, self.cond, self.uncond, self.step_cache])
 
 
+def denoise_rows(states: list[DenoiseState]) -> list[tuple[DenoiseState, Any, dict[str, Any]]]:
+    """Transformer batch rows of ``states``: (state, conditioning, step-cache memory), conditional row first,
+    then the unconditional one for guided requests."""
+    rows = []
+    for s in states:
+        rows.append((s, s.cond, s.step_cache.setdefault("cond", {})))
+        if s.uncond is not None:
+            rows.append((s, s.uncond, s.step_cache.setdefault("uncond", {})))
+    return rows
+
+
 class DiTFamily:
     """A native model family. Subclasses set the class attributes and implement the abstract methods."""
 
@@ -60,6 +71,8 @@ class DiTFamily:
     """``_class_name`` values in ``model_index.json`` this family serves."""
     samplers: tuple[str, ...]
     """Diffusers scheduler classes a request may pick."""
+    blocks_attr: str
+    """Attribute of the transformer holding its block list (where the step cache goes)."""
 
     def __init__(self, pipe: Any, device: str, dtype: torch.dtype) -> None:
         self.pipe = pipe

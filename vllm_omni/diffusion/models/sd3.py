@@ -10,7 +10,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
     retrieve_timesteps,
 )
 
-from vllm_omni.diffusion.models.base import DenoiseState, DiTFamily
+from vllm_omni.diffusion.models.base import DenoiseState, DiTFamily, denoise_rows
 from vllm_omni.diffusion.request import DiffusionRequest
 
 
@@ -20,6 +20,7 @@ class SD3Family(DiTFamily):
     name = "sd3"
     pipeline_classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
     samplers = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+    blocks_attr = "transformer_blocks"
 
     @property
     def size_factor(self) -> int:
@@ -57,16 +58,12 @@ class SD3Family(DiTFamily):
         return timesteps
 
     def predict(self, states: list[DenoiseState]) -> list[torch.Tensor]:
-        rows = []  # (latents, timestep, conditioning) per transformer row; guided requests take two
-        for s in states:
-            rows.append((s.latents, s.timestep, s.cond))
-            if s.uncond is not None:
-                rows.append((s.latents, s.timestep, s.uncond))
+        rows = denoise_rows(states)
         out = self.transformer(
-            hidden_states=torch.cat([r[0] for r in rows]),
-            timestep=torch.stack([r[1] for r in rows]),
-            encoder_hidden_states=torch.stack([r[2][0] for r in rows]),
-            pooled_projections=torch.stack([r[2][1] for r in rows]),
+            hidden_states=torch.cat([s.latents for s, _, _ in rows]),
+            timestep=torch.stack([s.timestep for s, _, _ in rows]),
+            encoder_hidden_states=torch.stack([cond[0] for _, cond, _ in rows]),
+            pooled_projections=torch.stack([cond[1] for _, cond, _ in rows]),
             return_dict=False,
         )[0]
         preds, row = [], 0

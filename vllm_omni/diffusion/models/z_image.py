@@ -11,7 +11,7 @@ from diffusers.pipelines.z_image.pipeline_z_image import (
     retrieve_timesteps,
 )
 
-from vllm_omni.diffusion.models.base import DenoiseState, DiTFamily
+from vllm_omni.diffusion.models.base import DenoiseState, DiTFamily, denoise_rows
 from vllm_omni.diffusion.request import DiffusionRequest
 
 
@@ -25,6 +25,7 @@ class ZImageFamily(DiTFamily):
     name = "z_image"
     pipeline_classes = ("ZImagePipeline", "ZImageImg2ImgPipeline")
     samplers = ("FlowMatchEulerDiscreteScheduler",)
+    blocks_attr = "layers"
 
     @property
     def size_factor(self) -> int:
@@ -71,13 +72,10 @@ class ZImageFamily(DiTFamily):
         return timesteps
 
     def predict(self, states: list[DenoiseState]) -> list[torch.Tensor]:
-        latents, times, captions = [], [], []
-        for s in states:
-            for caption in (s.cond, s.uncond) if s.uncond is not None else (s.cond,):
-                latents.append(s.latents[0].to(self.transformer.dtype).unsqueeze(1))
-                times.append((1000 - s.timestep) / 1000)
-                captions.append(caption)
-        out = self.transformer(latents, torch.stack(times), captions, return_dict=False)[0]
+        rows = denoise_rows(states)
+        latents = [s.latents[0].to(self.transformer.dtype).unsqueeze(1) for s, _, _ in rows]
+        times = torch.stack([(1000 - s.timestep) / 1000 for s, _, _ in rows])
+        out = self.transformer(latents, times, [caption for _, caption, _ in rows], return_dict=False)[0]
         preds, row = [], 0
         for s in states:
             pos = out[row].float()

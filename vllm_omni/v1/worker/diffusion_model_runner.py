@@ -17,12 +17,14 @@ import torch
 from vllm_omni.config.dit import DiTConfig
 from vllm_omni.diffusion.cache_manager import DiTCacheManager, conditioning_key
 from vllm_omni.diffusion.models import DenoiseState, resolve_family
+from vllm_omni.diffusion.models.base import denoise_rows
 from vllm_omni.diffusion.request import (
     DiffusionOutput,
     DiffusionRequest,
     DiffusionSamplingParams,
     parse_prompt,
 )
+from vllm_omni.diffusion.step_cache import FirstBlockCache
 
 DEFAULT_STRENGTH = 0.6  # diffusers' image-to-image default
 
@@ -47,6 +49,12 @@ class OmniDiffusionModelRunner:
         self.conditioning_cache = DiTCacheManager(
             cache.conditioning_cache_bytes, cache.conditioning_cache_policy
         )
+        self.step_cache = None
+        if cache.step_cache == "first_block":
+            transformer = self.family.transformer
+            self.step_cache = FirstBlockCache(
+                transformer, self.family.blocks_attr, cache.step_cache_threshold
+            )
         self.states: dict[str, DenoiseState] = {}
         self._started: dict[str, float] = {}
 
@@ -138,6 +146,8 @@ class OmniDiffusionModelRunner:
         return finished, failed
 
     def _denoise_step(self, states: list[DenoiseState]) -> None:
+        if self.step_cache is not None:
+            self.step_cache.bind([memory for _, _, memory in denoise_rows(states)])
         for state, output in zip(states, self.family.predict(states), strict=True):
             self.family.step(state, output)
 

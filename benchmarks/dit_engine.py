@@ -1,0 +1,135 @@
+"""DiT engine vs diffusers, side by side in one run (tiny random checkpoints, CPU).
+
+Prints ratios (higher is better for us unless noted):
+  single      latency of one request: diffusers pipeline / our engine (>= 1/1.05 is the goal)
+  stream      16 requests arriving over time: our throughput / diffusers sequential and / hand-batched
+  cond-cache  repeated prompts: uncached / cached engine time of the text-encoding set-up
+  step-cache  first-block cache: speedup and PSNR (dB) against the uncached images
+
+Usage: python benchmarks/dit_engine.py [--family sd3|z_image] [--size 64] [--steps 20] [--requests 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from vllm_omni.config.dit import DiTConfig
+from vllm_omni.diffusion.request import DiffusionSamplingParams
+from vllm_omni.testing.tiny_models import tiny_model_path
+from vllm_omni.v1.engine.diffusion_engine import DiffusionEngine
+
+
+def params(args, seed: int) -> DiffusionSamplingParams:
+    return DiffusionSamplingParams(
+        height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        seed=seed, output_type="np",
+    )  # fmt: skip
+
+
+def drain(engine: DiffusionEngine, args=None, arrivals: list[tuple[int, int]] = ()) -> dict:
+    """Step until idle; ``arrivals``: (engine step, seed) pairs, each request added when its step comes."""
+    outputs, step, pending = {}, 0, list(arrivals)
+    while engine.has_unfinished_requests() or pending:
+        while pending and pending[0][0] <= step:
+            _, seed = pending.pop(0)
+            engine.add_request(f"{seed}-{time.monotonic_ns()}", f"prompt {seed}", params(args, seed))
+        outputs.update({o.request_id.split("-")[0]: o for o in engine.step()})
+        step += 1
+    return outputs
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def diffusers_call(pipe, args, prompts: list[str], seeds: list[int]):
+    return pipe(
+        prompt=prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.size,
+        width=args.size, generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="np",
+    ).images  # fmt: skip
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a - b) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--family", default="sd3", choices=["sd3", "z_image"])
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8, help="running batch bound and hand-batch size")
+    parser.add_argument("--threshold", type=float, default=0.1, help="first-block cache threshold")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    import diffusers
+
+    path = tiny_model_path(args.family)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    engine = DiffusionEngine(path, DiTConfig(max_batch_size=args.batch))
+    n = args.requests
+    print(f"family={args.family} size={args.size}x{args.size} steps={args.steps} guidance={args.guidance} "
+          f"requests={n} batch={args.batch} threads={torch.get_num_threads()}")  # fmt: skip
+
+    diffusers_call(pipe, args, ["warm-up"], [0])
+    drain(engine, args, [(0, 0)])
+
+    # Single request latency (median of 3).
+    ours = [timed(lambda: drain(engine, args, [(0, 1)]))[0] for _ in range(3)]
+    theirs = [timed(lambda: diffusers_call(pipe, args, ["prompt 1"], [1]))[0] for _ in range(3)]
+    print(f"single      diffusers {np.median(theirs):.3f}s  ours {np.median(ours):.3f}s  "
+          f"ratio ours/diffusers {np.median(ours) / np.median(theirs):.3f}")  # fmt: skip
+
+    # 16 requests arriving over time: one new request every 2 engine steps.
+    t_ours, _ = timed(lambda: drain(engine, args, [(2 * i, i) for i in range(n)]))
+    t_seq, _ = timed(lambda: [diffusers_call(pipe, args, [f"prompt {i}"], [i]) for i in range(n)])
+    t_batched, _ = timed(
+        lambda: [diffusers_call(pipe, args, [f"prompt {i}" for i in range(j, min(j + args.batch, n))],
+                                list(range(j, min(j + args.batch, n)))) for j in range(0, n, args.batch)]
+    )  # fmt: skip
+    print(f"stream      ours {n / t_ours:.2f} img/s  diffusers sequential {n / t_seq:.2f}  "
+          f"hand-batched {n / t_batched:.2f}  ratio vs sequential {t_seq / t_ours:.2f}  "
+          f"vs hand-batched {t_batched / t_ours:.2f}")  # fmt: skip
+
+    # Conditioning cache: the same prompts again hit the cache (set-up time only: one step of new requests).
+    cold = DiffusionEngine(path, DiTConfig(max_batch_size=n, cache={"conditioning_cache_bytes": 0}))
+    setup = {}
+    for label, eng in (("off", cold), ("on", engine)):
+        for i in range(n):
+            eng.add_request(f"c{label}{i}", f"prompt {i}", params(args, i))
+        plan = eng.scheduler.schedule()
+        setup[label], _ = timed(lambda eng=eng, plan=plan: eng.runner.add_requests(plan.new_requests))
+        eng.abort_request([f"c{label}{i}" for i in range(n)])
+        drain(eng)
+    stats = engine.runner.conditioning_cache.stats
+    print(f"cond-cache  set-up of {n} requests: uncached {setup['off'] * 1e3:.1f} ms  cached "
+          f"{setup['on'] * 1e3:.1f} ms  speedup {setup['off'] / setup['on']:.2f}  "
+          f"hit rate {stats.hit_rate:.2f}")  # fmt: skip
+
+    # Step cache: same requests with and without the first-block cache.
+    step_cache = {"step_cache": "first_block", "step_cache_threshold": args.threshold}
+    fbc = DiffusionEngine(path, DiTConfig(max_batch_size=args.batch, cache=step_cache))
+    drain(fbc, args, [(0, 0)])
+    batch = [(0, i) for i in range(args.batch)]
+    t_plain, plain = timed(lambda: drain(engine, args, batch))
+    t_cached, cached = timed(lambda: drain(fbc, args, batch))
+    worst = min(psnr(cached[k].images, plain[k].images) for k in plain)
+    cache = fbc.runner.step_cache
+    print(f"step-cache  threshold {args.threshold}  speedup {t_plain / t_cached:.2f}  "
+          f"worst PSNR {worst:.1f} dB  rows skipped {cache.skipped}/{cache.skipped + cache.computed}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
