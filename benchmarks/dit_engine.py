@@ -127,8 +127,10 @@ def main() -> None:
     t_cached, cached = timed(lambda: drain(fbc, args, batch))
     worst = min(psnr(cached[k].images, plain[k].images) for k in plain)
     cache = fbc.runner.step_cache
-    print(f"step-cache  threshold {args.threshold}  speedup {t_plain / t_cached:.2f}  "
-          f"worst PSNR {worst:.1f} dB  rows skipped {cache.skipped}/{cache.skipped + cache.computed}")  # fmt: skip
+    print(
+        f"step-cache  threshold {args.threshold}  speedup {t_plain / t_cached:.2f}  "
+        f"worst PSNR {worst:.1f} dB  rows skipped {cache.skipped}/{cache.skipped + cache.computed}"
+    )
 
 
 if __name__ == "__main__":
