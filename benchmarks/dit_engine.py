@@ -1,7 +1,7 @@
 """DiT engine vs diffusers, side by side in one run (tiny random checkpoints, CPU).
 
-Prints ratios (higher is better for us unless noted):
-  single      latency of one request: diffusers pipeline / our engine (>= 1/1.05 is the goal)
+Prints ratios:
+  single      latency of one request: our engine / diffusers pipeline (<= 1.05 is the goal)
   stream      16 requests arriving over time: our throughput / diffusers sequential and / hand-batched
   cond-cache  repeated prompts: uncached / cached engine time of the text-encoding set-up
   step-cache  first-block cache: speedup and PSNR (dB) against the uncached images
