@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
+
+from vllm_omni.config.utils import from_known_keys
 
 DTYPES = ("float32", "bfloat16", "float16")
 CACHE_POLICIES = ("fifo", "lru", "lfu")
@@ -96,11 +98,7 @@ class DiTConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DiTConfig:
         """Build from a plain dict (YAML), naming any unknown key."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"DiTConfig: unknown key(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**values)
+        return from_known_keys(cls, values, "DiTConfig: unknown key(s)")
 
     def torch_dtype(self):
         """The ``torch.dtype`` of :attr:`dtype`."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
+
+from vllm_omni.config.utils import from_known_keys
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 PROMPT_KEYS = ("prompt", "negative_prompt", "image")
@@ -59,11 +61,7 @@ class DiffusionSamplingParams:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DiffusionSamplingParams:
         """Build from a plain dict, naming any unknown key."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown diffusion sampling parameter(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**values)
+        return from_known_keys(cls, values, "unknown diffusion sampling parameter(s)")
 
 
 @dataclass

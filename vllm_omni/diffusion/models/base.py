@@ -10,6 +10,7 @@ seeds share one transformer forward pass.
 from __future__ import annotations
 
 import inspect
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,8 @@ class DenoiseState:
     uncond: Any = None
     """Conditioning of the negative prompt when guidance is on."""
     step_index: int = 0
+    started: float = field(default_factory=time.monotonic)
+    """When the request joined the running batch."""
     step_cache: dict[str, Any] = field(default_factory=dict)
     """Per-request memory of the step cache (residuals of the last computed step)."""
 

@@ -56,7 +56,6 @@ class OmniDiffusionModelRunner:
                 transformer, self.family.blocks_attr, cache.step_cache_threshold
             )
         self.states: dict[str, DenoiseState] = {}
-        self._started: dict[str, float] = {}
 
     # ---- validation --------------------------------------------------------------------------------
     def make_request(self, request_id: str, prompt: Any, params: DiffusionSamplingParams) -> DiffusionRequest:
@@ -115,7 +114,6 @@ class OmniDiffusionModelRunner:
             uncond = conditioning[r.negative_prompt] if self.family.guidance_on(r.guidance_scale) else None
             try:
                 self.states[r.request_id] = self.family.prepare(r, conditioning[r.prompt], uncond)
-                self._started[r.request_id] = time.monotonic()
             except Exception as exc:  # a bad init image must not stop the others
                 failed.append(_error_output(r, exc))
         return failed
@@ -181,7 +179,7 @@ class OmniDiffusionModelRunner:
             seed=request.seed,
             num_steps=state.step_index,
             metrics={
-                "queue": self._started[request.request_id] - request.arrival_time,
+                "queue": state.started - request.arrival_time,
                 "total": now - request.arrival_time,
             },
         )
@@ -190,7 +188,6 @@ class OmniDiffusionModelRunner:
         """Release the states of these requests (finished, failed or aborted)."""
         for request_id in request_ids:
             self.states.pop(request_id, None)
-            self._started.pop(request_id, None)
 
     def running_bytes(self) -> int:
         """Bytes held by the denoising states of the running batch."""
