@@ -2,16 +2,24 @@
 
 Prints ratios:
   single      latency of one request: our engine / diffusers pipeline (<= 1.05 is the goal)
-  stream      16 requests arriving over time: our throughput / diffusers sequential and / hand-batched
+  stream      16 requests arriving over time (one every INTERVAL x single-request latency; 0 = burst):
+              throughput and mean latency of our engine vs diffusers sequential and hand-batched
   cond-cache  repeated prompts: uncached / cached engine time of the text-encoding set-up
   step-cache  first-block cache: speedup and PSNR (dB) against the uncached images
 
+Arrivals are on one virtual clock for all three contenders: time advances by each measured engine step or
+pipeline call, and jumps to the next arrival when nothing is ready. Diffusers sequential starts a request
+when it has arrived and the previous one is done; hand-batched starts a batch when its last request has
+arrived. Each interval runs --repeats times (interleaved); the medians are printed.
+
 Usage: python benchmarks/dit_engine.py [--family sd3|z_image] [--size 64] [--steps 20] [--requests 16]
+       [--intervals 0,0.25,1]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import numpy as np
@@ -30,16 +38,52 @@ def params(args, seed: int) -> DiffusionSamplingParams:
     )  # fmt: skip
 
 
-def drain(engine: DiffusionEngine, args=None, arrivals: list[tuple[int, int]] = ()) -> dict:
-    """Step until idle; ``arrivals``: (engine step, seed) pairs, each request added when its step comes."""
-    outputs, step, pending = {}, 0, list(arrivals)
+_ids = itertools.count()
+
+
+def drain(engine: DiffusionEngine, args=None, arrivals: list[tuple[float, int]] = ()) -> dict:
+    """Step until idle; ``arrivals``: (virtual time s, seed) pairs, sorted by time.
+
+    Returns {seed: (output, virtual completion time)}; the clock advances by each step's measured time.
+    """
+    outputs, clock, pending = {}, 0.0, list(arrivals)
     while engine.has_unfinished_requests() or pending:
-        while pending and pending[0][0] <= step:
+        if not engine.has_unfinished_requests():
+            clock = max(clock, pending[0][0])
+        while pending and pending[0][0] <= clock:
             _, seed = pending.pop(0)
-            engine.add_request(f"{seed}-{time.monotonic_ns()}", f"prompt {seed}", params(args, seed))
-        outputs.update({o.request_id.split("-")[0]: o for o in engine.step()})
-        step += 1
+            engine.add_request(f"{seed}#{next(_ids)}", f"prompt {seed}", params(args, seed))
+        elapsed, finished = timed(engine.step)
+        clock += elapsed
+        outputs.update({int(o.request_id.split("#")[0]): (o, clock) for o in finished})
     return outputs
+
+
+def serve_in_order(batches: list[list[int]], arrival: dict[int, float], run) -> dict[int, float]:
+    """Virtual completion time per seed when ``run(batch)`` handles ``batches`` one after another."""
+    done, clock = {}, 0.0
+    for batch in batches:
+        clock = max(clock, max(arrival[i] for i in batch)) + timed(lambda batch=batch: run(batch))[0]
+        done.update(dict.fromkeys(batch, clock))
+    return done
+
+
+def stream(engine, pipe, args, interval: float) -> dict[str, tuple[float, float]]:
+    """(throughput img/s, mean latency s) of each contender for requests every ``interval`` seconds."""
+    n = args.requests
+    arrival = {i: i * interval for i in range(n)}
+    served = drain(engine, args, sorted((t, i) for i, t in arrival.items()))
+    run = lambda batch: diffusers_call(pipe, args, [f"prompt {i}" for i in batch], batch)  # noqa: E731
+    hand_batches = [list(range(j, min(j + args.batch, n))) for j in range(0, n, args.batch)]
+    done = {
+        "ours": {seed: t for seed, (_, t) in served.items()},
+        "sequential": serve_in_order([[i] for i in range(n)], arrival, run),
+        "hand-batched": serve_in_order(hand_batches, arrival, run),
+    }
+    return {
+        name: (n / max(t.values()), float(np.mean([t[i] - arrival[i] for i in range(n)])))
+        for name, t in done.items()
+    }
 
 
 def timed(fn) -> tuple[float, object]:
@@ -70,6 +114,13 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8, help="running batch bound and hand-batch size")
+    parser.add_argument(
+        "--intervals",
+        type=lambda v: [float(x) for x in v.split(",")],
+        default=[0, 0.25, 1],
+        help="arrival intervals, in units of the diffusers single-request latency",
+    )
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threshold", type=float, default=0.1, help="first-block cache threshold")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -92,16 +143,15 @@ def main() -> None:
     print(f"single      diffusers {np.median(theirs):.3f}s  ours {np.median(ours):.3f}s  "
           f"ratio ours/diffusers {np.median(ours) / np.median(theirs):.3f}")  # fmt: skip
 
-    # 16 requests arriving over time: one new request every 2 engine steps.
-    t_ours, _ = timed(lambda: drain(engine, args, [(2 * i, i) for i in range(n)]))
-    t_seq, _ = timed(lambda: [diffusers_call(pipe, args, [f"prompt {i}"], [i]) for i in range(n)])
-    t_batched, _ = timed(
-        lambda: [diffusers_call(pipe, args, [f"prompt {i}" for i in range(j, min(j + args.batch, n))],
-                                list(range(j, min(j + args.batch, n)))) for j in range(0, n, args.batch)]
-    )  # fmt: skip
-    print(f"stream      ours {n / t_ours:.2f} img/s  diffusers sequential {n / t_seq:.2f}  "
-          f"hand-batched {n / t_batched:.2f}  ratio vs sequential {t_seq / t_ours:.2f}  "
-          f"vs hand-batched {t_batched / t_ours:.2f}")  # fmt: skip
+    # 16 requests arriving over time, on one virtual clock (see the module docstring).
+    unit = float(np.median(theirs))
+    for interval in args.intervals:
+        runs = [stream(engine, pipe, args, interval * unit) for _ in range(args.repeats)]
+        med = {k: [float(np.median([r[k][j] for r in runs])) for j in (0, 1)] for k in runs[0]}
+        (ours_tp, ours_lat), (seq_tp, seq_lat), (bat_tp, bat_lat) = med.values()
+        print(f"stream      interval {interval:g}x  img/s: ours {ours_tp:.2f}  sequential {seq_tp:.2f}  "
+              f"hand-batched {bat_tp:.2f}  ours/better {ours_tp / max(seq_tp, bat_tp):.2f}  | latency s: "
+              f"ours {ours_lat:.2f}  sequential {seq_lat:.2f}  hand-batched {bat_lat:.2f}")  # fmt: skip
 
     # Conditioning cache: the same prompts again hit the cache (set-up time only: one step of new requests).
     cold = DiffusionEngine(path, DiTConfig(max_batch_size=n, cache={"conditioning_cache_bytes": 0}))
@@ -125,7 +175,7 @@ def main() -> None:
     batch = [(0, i) for i in range(args.batch)]
     t_plain, plain = timed(lambda: drain(engine, args, batch))
     t_cached, cached = timed(lambda: drain(fbc, args, batch))
-    worst = min(psnr(cached[k].images, plain[k].images) for k in plain)
+    worst = min(psnr(cached[k][0].images, plain[k][0].images) for k in plain)
     cache = fbc.runner.step_cache
     print(
         f"step-cache  threshold {args.threshold}  speedup {t_plain / t_cached:.2f}  "

@@ -9,6 +9,7 @@ seeds share one transformer forward pass.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -175,7 +176,8 @@ class DiTFamily:
 
     def step(self, state: DenoiseState, model_output: torch.Tensor) -> None:
         """Advance ``state`` by one step of its sampler."""
-        kwargs = {"generator": state.generator} if _accepts(state.sampler.step, "generator") else {}
+        takes_generator = _accepts(type(state.sampler).step, "generator")
+        kwargs = {"generator": state.generator} if takes_generator else {}
         state.latents = state.sampler.step(
             model_output, state.timestep, state.latents, return_dict=False, **kwargs
         )[0]
@@ -189,5 +191,6 @@ class DiTFamily:
         return self.pipe.image_processor.postprocess(image, output_type=output_type)
 
 
+@functools.cache
 def _accepts(fn: Any, name: str) -> bool:
     return name in inspect.signature(fn).parameters

@@ -73,7 +73,7 @@ class ZImageFamily(DiTFamily):
 
     def predict(self, states: list[DenoiseState]) -> list[torch.Tensor]:
         rows = denoise_rows(states)
-        latents = [s.latents[0].to(self.transformer.dtype).unsqueeze(1) for s, _, _ in rows]
+        latents = [s.latents[0].to(self.dtype).unsqueeze(1) for s, _, _ in rows]
         times = torch.stack([(1000 - s.timestep) / 1000 for s, _, _ in rows])
         out = self.transformer(latents, times, [caption for _, caption, _ in rows], return_dict=False)[0]
         preds, row = [], 0
