@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import inspect
 import os
 import shutil
@@ -127,16 +128,34 @@ def _classic_key(key: str) -> str:
     return key
 
 
+MM_QWEN3_MODALITIES = {"audio": 24, "vision": 16}
+
+
+def build_multimodal_qwen3(out: Path) -> None:
+    """MultimodalQwen3ForCausalLM over the tiny qwen3: modalities audio (width 24) and vision (width 16)."""
+    from vllm_omni.transformers_utils.multimodal_qwen3_builder import build_multimodal_qwen3
+
+    build_multimodal_qwen3(tiny_model_path("qwen3"), out, MM_QWEN3_MODALITIES, projector_hidden_size=32)
+
+
 TINY_MODELS: dict[str, Callable[[Path], None]] = {
     "qwen3": build_qwen3,
     "llava": build_llava,
     "sd3": tiny_dit.build_sd3,
     "z_image": tiny_dit.build_z_image,
+    "multimodal_qwen3": build_multimodal_qwen3,
 }
 # Diffusers-format checkpoints, and the tiny checkpoints a checkpoint is made from (z_image's text encoder and
 # tokenizer are qwen3's): both count in its fingerprint.
 DIFFUSERS_FORMAT = frozenset({"sd3", "z_image"})
-MADE_FROM: dict[str, tuple[str, ...]] = {"z_image": ("qwen3",)}
+MADE_FROM: dict[str, tuple[str, ...]] = {"z_image": ("qwen3",), "multimodal_qwen3": ("qwen3",)}
+# Modules besides the builder's own whose source defines a checkpoint.
+BUILT_WITH: dict[str, tuple[str, ...]] = {
+    "multimodal_qwen3": (
+        "vllm_omni.transformers_utils.multimodal_qwen3_builder",
+        "vllm_omni.config.multimodal_qwen3",
+    ),
+}
 
 
 def cache_root() -> Path:
@@ -154,7 +173,8 @@ def fingerprint(name: str) -> str:
 
     builder = _builder(name)
     digest = hashlib.sha256()
-    for module in (inspect.getmodule(builder), tokenizer_module):
+    extra = [importlib.import_module(module) for module in BUILT_WITH.get(name, ())]
+    for module in (inspect.getmodule(builder), tokenizer_module, *extra):
         digest.update(inspect.getsource(module).encode())
     digest.update(f"{name} {transformers.__version__} {torch.__version__}".encode())
     if name in DIFFUSERS_FORMAT:

@@ -1,0 +1,1 @@
+"""Model code served by vLLM, as vllm/model_executor."""

@@ -1,0 +1,1 @@
+"""Models registered with vLLM by the plugin (see ``vllm_omni.plugin``)."""
