@@ -16,7 +16,7 @@ def digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-@pytest.mark.parametrize("name", ["qwen3", "llava"])
+@pytest.mark.parametrize("name", ["qwen3", "llava", "multimodal_qwen3"])
 def test_builds_are_deterministic(tmp_path, name):
     first, second = tmp_path / "a", tmp_path / "b"
     for out in (first, second):
@@ -61,7 +61,7 @@ def test_cli_writes_named_checkpoints(tmp_path):
 
 
 @pytest.mark.engine
-@pytest.mark.parametrize("name", ["qwen3", "llava"])
+@pytest.mark.parametrize("name", ["qwen3", "llava", "multimodal_qwen3"])
 def test_loads_in_vllm_in_bfloat16(name):
     with running_llm(tiny_models.tiny_model_path(name), dtype="bfloat16") as llm:
         assert llm.llm_engine.model_config.dtype.__repr__() == "torch.bfloat16"
