@@ -41,8 +41,9 @@ TEXT_DIMS = dict(
 )
 
 
-def build_qwen3(out: Path) -> None:
-    """Qwen3ForCausalLM: 2 layers, hidden 64, ChatML tokenizer."""
+def build_qwen3(out: Path, **dims: int) -> None:
+    """Qwen3ForCausalLM: 2 layers, hidden 64, ChatML tokenizer; ``dims`` override ``TEXT_DIMS`` (benchmarks
+    build bigger ones)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tok = tokenizer_module.build_tokenizer()
@@ -53,7 +54,7 @@ def build_qwen3(out: Path) -> None:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.pad_token_id,
-        **TEXT_DIMS,
+        **{**TEXT_DIMS, **dims},
     )
     torch.manual_seed(SEED)
     Qwen3ForCausalLM(config).save_pretrained(out)
