@@ -1,9 +1,17 @@
-"""Helpers shared by the tests: real engines, images, the HF LLaVA reference."""
+"""Helpers shared by the tests: real engines and servers, images, the HF LLaVA reference."""
 
 import gc
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
+import requests
 import torch
 from PIL import Image
 
@@ -51,3 +59,52 @@ def running_llm(model: str, **kwargs):
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(model: str, *args: str, timeout: float = 240):
+    """``vllm serve model *args`` on a free local port (CPU, eager, 512-token context); yields its URL.
+
+    The server's output goes to a temporary file (a pipe nobody reads would fill up and stall it); its
+    tail is in the error when the server exits or does not become healthy within ``timeout`` seconds.
+    """
+    port = free_port()
+    vllm_cli = Path(sys.executable).parent / "vllm"
+    cmd = [str(vllm_cli), "serve", model, "--host", "127.0.0.1", "--port", str(port),
+           "--max-model-len", "512", "--enforce-eager", *args]  # fmt: skip
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ}
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            _wait_healthy(url, process, log, timeout)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, log, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            break
+        try:
+            if requests.get(f"{url}/health", timeout=1).ok:
+                return
+        except requests.RequestException:
+            pass  # not listening yet
+        time.sleep(1)
+    log.seek(0)
+    state = f"exited with {process.returncode}" if process.poll() is not None else f"not up in {timeout} s"
+    raise RuntimeError(f"vllm serve {state}:\n{log.read()[-3000:]}")

@@ -3,66 +3,21 @@
 import base64
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 import torch
 
-from tests.utils import random_image
+from tests.utils import random_image, running_server
 
 pytestmark = pytest.mark.engine
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(llava_path):
-    port = free_port()
-    vllm_cli = Path(sys.executable).parent / "vllm"
-    cmd = [
-        str(vllm_cli),
-        "serve",
-        llava_path,
-        "--port",
-        str(port),
-        "--host",
-        "127.0.0.1",
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "512",
-        "--enforce-eager",
-        "--enable-return-mm-embedding",
-    ]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited: {process.stderr.read()[-3000:]}")
-        try:
-            if requests.get(f"{url}/health", timeout=1).ok:
-                break
-        except requests.ConnectionError:
-            time.sleep(1)
-    else:
-        process.kill()
-        pytest.fail("server did not start in 240 s")
-    yield url
-    process.terminate()
-    process.wait(timeout=60)
+    with running_server(llava_path, "--dtype", "float32", "--enable-return-mm-embedding") as url:
+        yield url
 
 
 def data_url(image) -> str:

@@ -43,6 +43,10 @@ PINNED = {
         "(self, final_res_batch, request, request_id, created_time, model_name, tokenizer, request_metadata)"
     ),
     "vllm.outputs:RequestOutput.add": "(self, next_output, aggregate)",
+    "vllm.renderers.chat_utils:_parse_chat_message_content_part": (
+        "(part, mm_parser, *, wrap_dicts, interleave_strings)"
+    ),
+    "vllm.renderers.chat_utils:_resolve_items": "(items_by_modality, mm_processor, modality_order)",
     "vllm.sampling_params:SamplingParams._verify_args": "(self)",
     "vllm.v1.core.sched.scheduler:Scheduler._free_request": "(self, request, delay_free_blocks=False)",
     "vllm.v1.core.sched.scheduler:Scheduler.update_from_output": (

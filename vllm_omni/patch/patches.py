@@ -159,6 +159,40 @@ PATCHES: tuple[Patch, ...] = (
             "vllm.entrypoints.openai.completion.serving:OpenAIServingCompletion.request_output_to_completion_response",
         ),
     ),
+    # --- Multimodal Qwen3: named embeddings in chat messages ---
+    Patch(
+        name="chat_mm_embeddings_part",
+        module="vllm.renderers.chat_utils",
+        apply="vllm_omni.renderers.multimodal_embeddings:patch_content_part_parser",
+        target="vllm.renderers.chat_utils:_parse_chat_message_content_part",
+        reason="Chat messages carry named raw embeddings as a `multimodal_embeddings` content part "
+        "(base64 .npy or torch.save per item); vLLM rejects unknown part types. The part's items are "
+        "tracked per modality and its placeholders put inline.",
+        wraps=("vllm.renderers.chat_utils:_parse_chat_message_content_part",),
+        vllm_tests=("tests/renderers/test_chat_utils.py", "tests/renderers/test_chat_utils_prompt_embeds.py"),
+    ),
+    Patch(
+        name="chat_mm_embeddings_items",
+        module="vllm.renderers.chat_utils",
+        apply="vllm_omni.renderers.multimodal_embeddings:patch_resolve_items",
+        target="vllm.renderers.chat_utils:_resolve_items",
+        reason="vLLM materializes only its built-in modalities: it drops other names and would treat "
+        "a model modality named `audio` as audio clips. Items of the part are told apart by their tag.",
+        wraps=("vllm.renderers.chat_utils:_resolve_items",),
+        vllm_tests=("tests/renderers/test_chat_utils.py", "tests/renderers/test_hf.py"),
+    ),
+    Patch(
+        name="chat_mm_embeddings_schema",
+        module="vllm.entrypoints.openai.chat_completion.protocol",
+        apply="vllm_omni.entrypoints.openai.multimodal_embeddings_part:accept_part_in_chat_request",
+        target="vllm.renderers.chat_utils:CustomChatCompletionMessageParam.content; "
+        "...chat_completion.protocol:ChatCompletionRequest (rebuilt)",
+        reason="Request validation would strip the part or fail on a message whose only part it is.",
+        vllm_tests=(
+            "tests/entrypoints/openai/chat_completion/test_non_object_body_validation.py",
+            "tests/entrypoints/openai/chat_completion/test_serving_chat.py",
+        ),
+    ),
     # --- Diagnostics and compatibility ---
     Patch(
         name="engine_core_patch_report",
