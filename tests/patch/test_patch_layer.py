@@ -102,7 +102,8 @@ def test_layer_is_active_in_engine_core_and_worker_processes(qwen3_llm):
     assert len({p["pid"] for p in processes}) == 3, "EngineCore and worker run in their own processes"
     assert report["engine_core"]["process"] == "EngineCore"
     for process in processes:
-        assert process["armed_by"][:2] == ["startup", "plugin"], process
+        # Other tests of this process may arm again (idempotence test): order-independent check.
+        assert process["armed_by"][0] == "startup" and "plugin" in process["armed_by"], process
         assert process["failed"] == [] and process["refused"] is None
     assert "engine_core_patch_report" in report["engine_core"]["applied"]
     assert all("worker_patch_report" in worker["applied"] for worker in report["workers"])

@@ -86,6 +86,8 @@ def test_sharded_checkpoint_with_vocabulary_room(tmp_path, qwen3):
     [
         ({}, {}, "give at least one name=width"),
         ({"2d": 4}, {}, "modality name '2d' is not allowed"),
+        ({"audio_embeds": 4}, {}, "modality name 'audio_embeds' is reserved by vLLM"),
+        ({"model_id": 4}, {}, "modality name 'model_id' is reserved by vLLM"),
         ({"speech": 0}, {}, "input width must be a positive integer, got 0"),
     ],
 )

@@ -22,6 +22,9 @@ from typing import Any
 CONFIG_KEY = "multimodal_projectors"
 ARCHITECTURE = "MultimodalQwen3ForCausalLM"
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+# vLLM hashes an item as keyword ``<modality>=item`` beside these keywords, reads ``multimodal_embeddings`` as
+# the container of all modalities, and treats names ending in ``_embeds`` as its own embedding inputs.
+_RESERVED = ("model_id", "mm_processor_kwargs", "media_io_kwargs", "multimodal_embeddings")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ def check_modality_name(name: str) -> str:
         raise ValueError(
             f"modality name {name!r} is not allowed: use a letter followed by letters, digits or '_'"
         )
+    if name in _RESERVED or "_embeds" in name:
+        raise ValueError(f"modality name {name!r} is reserved by vLLM: avoid {_RESERVED} and '_embeds'")
     return name
 
 
