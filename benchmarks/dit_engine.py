@@ -137,9 +137,11 @@ def main() -> None:
     diffusers_call(pipe, args, ["warm-up"], [0])
     drain(engine, args, [(0, 0)])
 
-    # Single request latency (median of 3).
-    ours = [timed(lambda: drain(engine, args, [(0, 1)]))[0] for _ in range(3)]
-    theirs = [timed(lambda: diffusers_call(pipe, args, ["prompt 1"], [1]))[0] for _ in range(3)]
+    # Single request latency: interleaved runs, new prompts (no conditioning-cache hit), medians.
+    ours, theirs = [], []
+    for seed in range(100, 100 + args.repeats * 3):
+        ours.append(timed(lambda seed=seed: drain(engine, args, [(0, seed)]))[0])
+        theirs.append(timed(lambda seed=seed: diffusers_call(pipe, args, [f"prompt {seed}"], [seed]))[0])
     print(f"single      diffusers {np.median(theirs):.3f}s  ours {np.median(ours):.3f}s  "
           f"ratio ours/diffusers {np.median(ours) / np.median(theirs):.3f}")  # fmt: skip
 
