@@ -11,6 +11,7 @@ from vllm_omni.version import __version__
 
 _LAZY = {
     "OmniLLM": "vllm_omni.entrypoints.omni_llm",
+    "create_ar_stage_config": "vllm_omni.config.stage",
     "create_dit_stage_config": "vllm_omni.config.stage",
     "MultimodalQwen3Pipeline": "vllm_omni.entrypoints.multimodal_qwen3_pipeline",
 }

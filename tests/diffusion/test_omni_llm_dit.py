@@ -41,8 +41,9 @@ def test_generate_returns_images_in_order(omni):
 def test_bad_prompt_fails_the_call_and_leaves_nothing_queued(omni):
     with pytest.raises(ValueError, match="height must be a multiple of"):
         omni.generate(["fine", "bad"], [{"seed": 1}, {"height": 31}], use_tqdm=False)
-    assert not omni.engine.has_unfinished_requests()
-    assert omni.engine.memory_stats()["states"] == 0
+    engine = omni.runners[0].engine
+    assert not engine.has_unfinished_requests()
+    assert engine.memory_stats()["states"] == 0
     with pytest.raises(ValueError, match="sampling_params has 1 entries for 2 prompts"):
         omni.generate(["a", "b"], [{"seed": 1}], use_tqdm=False)
 
@@ -93,3 +94,38 @@ def test_diffusers_executor_refuses_what_it_cannot_do(dit_path):
     outputs = run_all(executor)
     assert outputs["aborted"].error == "aborted"
     assert outputs["bad"].error.startswith("ValueError")  # the pipeline's own check, reported per request
+
+
+def test_pipeline_from_yaml(tmp_path, dit_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(
+        "stages:\n"
+        "  - stage_id: 0\n"
+        "    engine_type: dit\n"
+        f"    model_path: {dit_path}\n"
+        "    input_modalities: [text]\n"
+        "    output_modalities: [image]\n"
+        "    dit_config: {num_inference_steps: 2, height: 32, width: 32}\n"
+    )
+    omni = OmniLLM(str(path))
+    assert omni.stages[0].dit_config.num_inference_steps == 2
+    out = omni.generate("a red sunset", {"seed": 3}, use_tqdm=False)[0]
+    assert out.error is None and out.stage_outputs[0].num_steps == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("stage: []\n", r"a pipeline file holds a 'stages' list"),
+        ("stages: []\nextra: 1\n", r"unknown top-level key\(s\) \['extra'\]"),
+        ("stages:\n  - stage_id: 0\n    engine: dit\n", r"stage 0: unknown key\(s\) \['engine'\]"),
+        ("stages:\n  - 3\n", r"stages\[0\] must be a mapping"),
+        ("stages:\n  - {stage_id: 0, engine_type: dit, model_path: x, dit_config: {steps: 2}}\n",
+         r"DiTConfig: unknown key\(s\) \['steps'\]"),
+    ],
+)  # fmt: skip
+def test_yaml_errors_name_the_stage_and_key(tmp_path, text, message):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        OmniLLM(path)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from vllm_omni.config.dit import DiTConfig
+from vllm_omni.config.utils import from_known_keys
 
 ENGINE_TYPES = ("ar", "dit")
 MODALITIES = ("text", "image", "latent", "hidden_states")
@@ -45,12 +47,71 @@ class OmniStageConfig:
             bad = [m for m in getattr(self, key) if m not in MODALITIES]
             if bad or not getattr(self, key):
                 raise ValueError(f"{where}: {key} must be a non-empty list of {list(MODALITIES)}, got {bad}")
+        if self.engine_type == "ar":
+            _check_engine_args(where, self.engine_args)
+        elif self.engine_args:
+            raise ValueError(f"{where}: engine_args are for engine_type 'ar'; a 'dit' stage takes dit_config")
         if self.engine_type == "dit":
             if isinstance(self.dit_config, dict):
                 self.dit_config = DiTConfig.from_dict(self.dit_config)
             self.dit_config = self.dit_config or DiTConfig()
         elif self.dit_config is not None:
             raise ValueError(f"{where}: dit_config is only for engine_type 'dit'")
+
+
+def load_stage_configs(path: str | Path) -> list[OmniStageConfig]:
+    """The stages of a YAML pipeline file: a ``stages`` list of :class:`OmniStageConfig` fields."""
+    import yaml
+
+    with open(path) as f:
+        document = yaml.safe_load(f)
+    if not isinstance(document, dict) or not isinstance(document.get("stages"), list):
+        raise ValueError(f"{path}: a pipeline file holds a 'stages' list of stage configs")
+    unknown = sorted(set(document) - {"stages"})
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level key(s) {unknown}; allowed: ['stages']")
+    stages = []
+    for position, entry in enumerate(document["stages"]):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: stages[{position}] must be a mapping of stage config keys")
+        where = f"{path}: stage {entry.get('stage_id', position)}: unknown key(s)"
+        stages.append(from_known_keys(OmniStageConfig, entry, where))
+    return stages
+
+
+def _check_engine_args(where: str, engine_args: dict[str, Any]) -> None:
+    from dataclasses import fields
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    known = {f.name for f in fields(EngineArgs)}
+    unknown = sorted(set(engine_args) - known)
+    if unknown:
+        raise ValueError(
+            f"{where}: engine_args has unknown key(s) {unknown}; any vllm EngineArgs field is allowed"
+        )
+    if "model" in engine_args:
+        raise ValueError(f"{where}: engine_args must not set 'model'; use model_path")
+
+
+def create_ar_stage_config(
+    stage_id: int,
+    model_path: str,
+    input_modalities: list[str] | None = None,
+    output_modalities: list[str] | None = None,
+    final_output: bool = True,
+    **engine_args: Any,
+) -> OmniStageConfig:
+    """An ``ar`` stage; ``engine_args`` are ``vllm.EngineArgs`` fields (e.g. ``max_model_len=512``)."""
+    return OmniStageConfig(
+        stage_id=stage_id,
+        engine_type="ar",
+        model_path=model_path,
+        input_modalities=input_modalities or ["text"],
+        output_modalities=output_modalities or ["text"],
+        engine_args=engine_args,
+        final_output=final_output,
+    )
 
 
 def create_dit_stage_config(

@@ -3,84 +3,96 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import count
+from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
-from vllm_omni.config.stage import OmniStageConfig
+from vllm_omni.config.stage import OmniStageConfig, load_stage_configs
 from vllm_omni.core.outputs import OmniRequestOutput
-from vllm_omni.diffusion.request import DiffusionOutput, DiffusionSamplingParams
-from vllm_omni.v1.engine.diffusion_engine import create_diffusion_engine
+from vllm_omni.core.stage_runner import ARStageRunner, make_stage_runner
 
 
 class OmniLLM:
     """Offline pipeline of stages, each served by its own engine.
 
     One request per prompt flows through the stages; ``generate`` returns an :class:`OmniRequestOutput`
-    per prompt, in order. This release serves a single ``dit`` stage (in this process).
+    per prompt, in order. Stages run one after another, each on the whole batch. Hand-offs in this
+    release: text (an ``ar`` stage's generated text is the next stage's prompt), so a pipeline is any
+    number of ``ar`` stages optionally followed by one ``dit`` stage.
     """
 
-    def __init__(self, stages: Sequence[OmniStageConfig]) -> None:
-        stages = list(stages)
-        if len(stages) != 1 or stages[0].engine_type != "dit":
-            raise NotImplementedError(
-                "OmniLLM serves one 'dit' stage for now; multi-stage pipelines are next"
-            )
-        self.stages = stages
-        stage = stages[0]
-        self.engine = create_diffusion_engine(stage.model_path, stage.dit_config)
-        self._ids = count()
+    def __init__(self, stages: Sequence[OmniStageConfig] | str | Path) -> None:
+        """``stages``: the stage configs, or the path of a YAML pipeline file (``load_stage_configs``)."""
+        self.stages = load_stage_configs(stages) if isinstance(stages, (str, Path)) else list(stages)
+        _check_pipeline(self.stages)
+        self.runners = []
+        try:
+            for stage in self.stages:
+                self.runners.append(make_stage_runner(stage))
+        except Exception:
+            self.close()
+            raise
 
     def generate(
-        self,
-        prompts: Any,
-        sampling_params: Any = None,
-        use_tqdm: bool = True,
+        self, prompts: Any, sampling_params: Any = None, use_tqdm: bool = True
     ) -> list[OmniRequestOutput]:
         """Run ``prompts`` (one prompt or a list; a prompt is a string or a dict) through the pipeline.
 
-        ``sampling_params``: one entry per stage (a list), or a single entry used by every stage; an entry is
-        the stage's params object (``DiffusionSamplingParams`` for ``dit``), a dict of its fields, or a list
-        with one per prompt.
+        ``sampling_params``: a list with one entry per stage (for a pipeline of several stages), or a single
+        entry for every stage; an entry is the stage's params object (``vllm.SamplingParams`` for ``ar``,
+        ``DiffusionSamplingParams`` for ``dit``), a dict of its fields, or a list with one per prompt.
         """
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-        params = _per_prompt(_stage_entry(sampling_params, len(self.stages), 0), len(prompts))
-        ids = [str(next(self._ids)) for _ in prompts]
-        added = []
-        try:
-            for request_id, prompt, p in zip(ids, prompts, params, strict=True):
-                self.engine.add_request(request_id, prompt, p)
-                added.append(request_id)
-        except Exception:
-            self.engine.abort_request(added)
-            while self.engine.has_unfinished_requests():
-                self.engine.step()
-            raise
-        results = self._run(set(ids), use_tqdm)
-        return [self._request_output(i, prompt, results[i]) for i, prompt in zip(ids, prompts, strict=True)]
+        inputs, per_stage = prompts, []
+        for index, runner in enumerate(self.runners):
+            entry = _stage_entry(sampling_params, len(self.runners), index)
+            params = [runner.params(e) for e in _per_prompt(entry, len(prompts))]
+            outputs = runner.run(inputs, params, use_tqdm)
+            per_stage.append(outputs)
+            if isinstance(runner, ARStageRunner):
+                inputs = [{"prompt": runner.text(output)} for output in outputs]
+        return [self._request_output(i, prompt, per_stage) for i, prompt in enumerate(prompts)]
 
-    def _run(self, ids: set[str], use_tqdm: bool) -> dict[str, DiffusionOutput]:
-        results: dict[str, DiffusionOutput] = {}
-        with tqdm(total=len(ids), desc="Generating", disable=not use_tqdm) as bar:
-            while len(results) < len(ids):
-                for output in self.engine.step():
-                    if output.request_id in ids:
-                        results[output.request_id] = output
-                        bar.update(1)
-        return results
+    def _request_output(self, index: int, prompt: Any, per_stage: list[list[Any]]) -> OmniRequestOutput:
+        result = OmniRequestOutput(request_id=str(index), prompt=prompt)
+        for stage, runner, outputs in zip(self.stages, self.runners, per_stage, strict=True):
+            output = outputs[index]
+            result.stage_outputs[stage.stage_id] = output
+            if isinstance(runner, ARStageRunner):
+                result.request_id = output.request_id
+                result.text = runner.text(output) if stage.final_output else result.text
+            else:
+                result.error = f"stage {stage.stage_id}: {output.error}" if output.error else None
+                if stage.final_output:
+                    result.images, result.latents = output.images, output.latents
+        return result
 
-    def _request_output(self, request_id: str, prompt: Any, output: DiffusionOutput) -> OmniRequestOutput:
-        stage_id = self.stages[0].stage_id
-        error = f"stage {stage_id}: {output.error}" if output.error else None
-        return OmniRequestOutput(
-            request_id=request_id,
-            prompt=prompt,
-            images=output.images,
-            latents=output.latents,
-            stage_outputs={stage_id: output},
-            error=error,
-        )
+    def close(self) -> None:
+        """Stop every stage's engine."""
+        for runner in self.runners:
+            runner.close()
+
+
+def _check_pipeline(stages: list[OmniStageConfig]) -> None:
+    if not stages:
+        raise ValueError("OmniLLM needs at least one stage")
+    for position, stage in enumerate(stages):
+        if stage.stage_id != position:
+            raise ValueError(
+                f"stage {stage.stage_id}: stage_id must equal its position in the list ({position})"
+            )
+        if position == 0:
+            continue
+        before = stages[position - 1]
+        if (
+            before.engine_type != "ar"
+            or stage.input_modalities != ["text"]
+            or "text" not in before.output_modalities
+        ):
+            raise NotImplementedError(
+                f"stage {stage.stage_id}: only text hand-offs from an 'ar' stage are supported so far "
+                f"(stage {before.stage_id} is {before.engine_type!r} with output {before.output_modalities}, "
+                f"stage {stage.stage_id} takes {stage.input_modalities})"
+            )
 
 
 def _stage_entry(sampling_params: Any, num_stages: int, index: int) -> Any:
@@ -89,19 +101,9 @@ def _stage_entry(sampling_params: Any, num_stages: int, index: int) -> Any:
     return sampling_params
 
 
-def _per_prompt(entry: Any, num_prompts: int) -> list[DiffusionSamplingParams]:
+def _per_prompt(entry: Any, num_prompts: int) -> list[Any]:
     if isinstance(entry, (list, tuple)):
         if len(entry) != num_prompts:
             raise ValueError(f"sampling_params has {len(entry)} entries for {num_prompts} prompts")
-        return [_as_params(e) for e in entry]
-    return [_as_params(entry)] * num_prompts
-
-
-def _as_params(entry: Any) -> DiffusionSamplingParams:
-    if entry is None:
-        return DiffusionSamplingParams()
-    if isinstance(entry, dict):
-        return DiffusionSamplingParams.from_dict(entry)
-    if isinstance(entry, DiffusionSamplingParams):
-        return entry
-    raise ValueError(f"a DiT stage takes DiffusionSamplingParams or a dict, got {type(entry).__name__}")
+        return list(entry)
+    return [entry] * num_prompts

@@ -1,0 +1,66 @@
+"""Two-stage pipeline: an AR stage (vLLM engine) writes the prompt of a DiT stage (text hand-off)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from vllm import SamplingParams
+
+from vllm_omni import OmniLLM, create_ar_stage_config, create_dit_stage_config
+from vllm_omni.config.dit import DiTConfig
+from vllm_omni.diffusion.request import DiffusionSamplingParams
+from vllm_omni.testing.tiny_models import tiny_model_path
+from vllm_omni.v1.engine.diffusion_engine import create_diffusion_engine
+
+pytestmark = pytest.mark.engine
+
+DIT = dict(num_inference_steps=3, height=32, width=32)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def omni():
+    ar = create_ar_stage_config(stage_id=0, model_path=tiny_model_path("qwen3"), input_modalities=["text"],
+                                output_modalities=["text"], dtype="float32", max_model_len=256,
+                                enforce_eager=True)  # fmt: skip
+    dit = create_dit_stage_config(stage_id=1, model_path=tiny_model_path("sd3"), input_modalities=["text"],
+                                  output_modalities=["image"], **DIT)  # fmt: skip
+    pipeline = OmniLLM([ar, dit])
+    yield pipeline
+    pipeline.close()
+
+
+def test_the_documented_form_returns_text_and_images(omni):
+    outputs = omni.generate([{"prompt": "A beautiful landscape"}, {"prompt": "A beautiful landscape"}])
+    assert len(outputs) == 2
+    for out in outputs:
+        assert out.error is None and isinstance(out.text, str) and isinstance(out.images[0], Image.Image)
+        assert out.prompt == {"prompt": "A beautiful landscape"}
+        assert out.text == out.stage_outputs[0].outputs[0].text
+        assert out.stage_outputs[1].images is out.images
+
+
+def test_text_hand_off_equals_running_the_stages_by_hand(omni, qwen3_llm):
+    prompts = ["The quick brown fox", {"prompt": "A beautiful landscape"}]
+    dit_params = [DiffusionSamplingParams(seed=1, output_type="np"), {"seed": 2, "output_type": "np"}]
+    outputs = omni.generate(prompts, [GREEDY, dit_params], use_tqdm=False)
+    texts = [o.outputs[0].text for o in qwen3_llm.generate(prompts, GREEDY)]
+    assert [o.text for o in outputs] == texts
+    engine = create_diffusion_engine(tiny_model_path("sd3"), DiTConfig(**DIT))
+    for i, (text, seed) in enumerate(zip(texts, (1, 2), strict=True)):
+        engine.add_request(str(i), {"prompt": text}, DiffusionSamplingParams(seed=seed, output_type="np"))
+    direct = {}
+    while engine.has_unfinished_requests():
+        direct.update({o.request_id: o for o in engine.step()})
+    for i, out in enumerate(outputs):
+        assert np.abs(out.images - direct[str(i)].images).max() < 1e-6
+
+
+def test_pipeline_errors_name_the_stage():
+    qwen3, sd3 = tiny_model_path("qwen3"), tiny_model_path("sd3")
+    with pytest.raises(ValueError, match=r"stage 0: engine_args has unknown key\(s\) \['max_len'\]"):
+        create_ar_stage_config(0, qwen3, max_len=3)
+    with pytest.raises(ValueError, match="stage 1: stage_id must equal its position in the list"):
+        OmniLLM([create_dit_stage_config(1, sd3)])
+    dit_first = [create_dit_stage_config(0, sd3), create_ar_stage_config(1, qwen3)]
+    with pytest.raises(NotImplementedError, match="stage 1: only text hand-offs from an 'ar' stage"):
+        OmniLLM(dit_first)
