@@ -9,6 +9,7 @@ install:
 
 demo: install
 	$(PY) examples/offline_inference/basic_generate.py
+	$(PY) examples/offline_inference/omni_text_to_image.py
 
 lint: install
 	$(PY) -m ruff check .
