@@ -46,9 +46,9 @@ def prompts(args, placeholder_ids: dict[str, int] | None, seed: int) -> list[dic
             batch.append({"prompt_token_ids": ids})
             continue
         names = [("audio", "vision")[i % 2] for i in range(args.items)]
-        items = {name: [] for name in dict.fromkeys(names)}
+        items: dict[str, list[torch.Tensor]] = {}
         for name in names:
-            items[name].append(torch.randn(args.rows, MM_QWEN3_MODALITIES[name], generator=g))
+            items.setdefault(name, []).append(torch.randn(args.rows, MM_QWEN3_MODALITIES[name], generator=g))
         ids = [placeholder_ids[name] for name in names] + ids
         batch.append({"prompt_token_ids": ids, "multi_modal_data": {"multimodal_embeddings": items}})
     return batch

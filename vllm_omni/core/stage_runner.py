@@ -1,9 +1,9 @@
 """Stage runners: one engine per stage, running a batch of the stage's requests to completion.
 
 Each runner turns the stage's per-prompt sampling-parameter entries into its engine's params, runs a batch
-of prompts and returns one output per prompt, in order, and says what the next stage receives from an
-output. ``OmniLLM`` drives them stage after stage in this process; a StageManager can put the same
-interface in front of an engine in its own process.
+of prompts and returns one output per prompt, in order; an AR runner also gives an output's text (what
+the next stage receives). ``OmniLLM`` drives them stage after stage in this process; a StageManager can
+put the same interface in front of an engine in its own process.
 """
 
 from __future__ import annotations

@@ -53,13 +53,14 @@ class OmniLLM:
         return [self._request_output(i, prompt, per_stage) for i, prompt in enumerate(prompts)]
 
     def _request_output(self, index: int, prompt: Any, per_stage: list[list[Any]]) -> OmniRequestOutput:
-        result = OmniRequestOutput(request_id=str(index), prompt=prompt)
+        # The first stage's request id names the request (unique across calls in both engine kinds).
+        result = OmniRequestOutput(request_id=per_stage[0][index].request_id, prompt=prompt)
         for stage, runner, outputs in zip(self.stages, self.runners, per_stage, strict=True):
             output = outputs[index]
             result.stage_outputs[stage.stage_id] = output
             if isinstance(runner, ARStageRunner):
-                result.request_id = output.request_id
-                result.text = runner.text(output) if stage.final_output else result.text
+                if stage.final_output:
+                    result.text = runner.text(output)
             else:
                 result.error = f"stage {stage.stage_id}: {output.error}" if output.error else None
                 if stage.final_output:
