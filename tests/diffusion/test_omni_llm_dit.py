@@ -41,9 +41,8 @@ def test_generate_returns_images_in_order(omni):
 def test_bad_prompt_fails_the_call_and_leaves_nothing_queued(omni):
     with pytest.raises(ValueError, match="height must be a multiple of"):
         omni.generate(["fine", "bad"], [{"seed": 1}, {"height": 31}], use_tqdm=False)
-    engine = omni.runners[0].engine
-    assert not engine.has_unfinished_requests()
-    assert engine.memory_stats()["states"] == 0
+    stats = omni.stage_stats(0)
+    assert (stats["running"], stats["waiting"], stats["states"]) == (0, 0, 0)
     with pytest.raises(ValueError, match="sampling_params has 1 entries for 2 prompts"):
         omni.generate(["a", "b"], [{"seed": 1}], use_tqdm=False)
 

@@ -51,8 +51,8 @@ def test_text_hand_off_equals_running_the_stages_by_hand(omni, qwen3_llm):
     direct = {}
     while engine.has_unfinished_requests():
         direct.update({o.request_id: o for o in engine.step()})
-    for i, out in enumerate(outputs):
-        assert np.abs(out.images - direct[str(i)].images).max() < 1e-6
+    for i, out in enumerate(outputs):  # requests may reach the DiT stage apart: other batch, float32 noise
+        assert np.abs(out.images - direct[str(i)].images).max() < 1e-5
 
 
 def test_pipeline_errors_name_the_stage():
@@ -62,5 +62,10 @@ def test_pipeline_errors_name_the_stage():
     with pytest.raises(ValueError, match="stage 1: stage_id must equal its position in the list"):
         OmniLLM([create_dit_stage_config(1, sd3)])
     dit_first = [create_dit_stage_config(0, sd3), create_ar_stage_config(1, qwen3)]
-    with pytest.raises(NotImplementedError, match="stage 1: only text hand-offs from an 'ar' stage"):
+    with pytest.raises(ValueError, match="stage 1: input \\['text'\\] needs stage 0 to be an 'ar' stage"):
         OmniLLM(dit_first)
+    hidden = [create_ar_stage_config(0, qwen3), create_dit_stage_config(1, sd3, ["hidden_states"])]
+    with pytest.raises(ValueError, match="with 'hidden_states' in output_modalities"):
+        OmniLLM(hidden)
+    with pytest.raises(ValueError, match="stage 1: unknown stage_input 'nope'; registered: "):
+        OmniLLM([create_ar_stage_config(0, qwen3), create_dit_stage_config(1, sd3, stage_input="nope")])

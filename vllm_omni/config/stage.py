@@ -33,6 +33,14 @@ class OmniStageConfig:
     """Configuration of a ``dit`` stage (defaults when ``None``)."""
     final_output: bool = True
     """Whether the stage's output is part of what the pipeline returns."""
+    source_stage: int | None = None
+    """The earlier stage whose outputs feed this one (default: the stage before; none for stage 0)."""
+    stage_input: str | None = None
+    """Name of the registered stage-input function that turns the source's output into this stage's prompt
+    (``vllm_omni.core.stage_input``); default chosen from the modalities (text, hidden_states, image)."""
+    devices: str | None = None
+    """Device placement: the accelerator ids the stage's process sees (``CUDA_VISIBLE_DEVICES``, e.g.
+    ``"0"`` or ``"1,2"``); ``None`` keeps the parent's. CPU stages ignore it."""
 
     def __post_init__(self) -> None:
         where = f"stage {self.stage_id}"
@@ -47,6 +55,10 @@ class OmniStageConfig:
             bad = [m for m in getattr(self, key) if m not in MODALITIES]
             if bad or not getattr(self, key):
                 raise ValueError(f"{where}: {key} must be a non-empty list of {list(MODALITIES)}, got {bad}")
+        if self.source_stage is None and self.stage_id > 0:
+            self.source_stage = self.stage_id - 1
+        if self.source_stage is not None and not 0 <= self.source_stage < self.stage_id:
+            raise ValueError(f"{where}: source_stage must be an earlier stage, got {self.source_stage}")
         if self.engine_type == "ar":
             _check_engine_args(where, self.engine_args)
         elif self.engine_args:
@@ -100,18 +112,18 @@ def create_ar_stage_config(
     input_modalities: list[str] | None = None,
     output_modalities: list[str] | None = None,
     final_output: bool = True,
+    *,
+    source_stage: int | None = None,
+    stage_input: str | None = None,
+    devices: str | None = None,
     **engine_args: Any,
 ) -> OmniStageConfig:
     """An ``ar`` stage; ``engine_args`` are ``vllm.EngineArgs`` fields (e.g. ``max_model_len=512``)."""
     return OmniStageConfig(
-        stage_id=stage_id,
-        engine_type="ar",
-        model_path=model_path,
-        input_modalities=input_modalities or ["text"],
-        output_modalities=output_modalities or ["text"],
-        engine_args=engine_args,
-        final_output=final_output,
-    )
+        stage_id, "ar", model_path, input_modalities or ["text"], output_modalities or ["text"],
+        engine_args=engine_args, final_output=final_output, source_stage=source_stage,
+        stage_input=stage_input, devices=devices,
+    )  # fmt: skip
 
 
 def create_dit_stage_config(
@@ -120,15 +132,15 @@ def create_dit_stage_config(
     input_modalities: list[str] | None = None,
     output_modalities: list[str] | None = None,
     final_output: bool = True,
+    *,
+    source_stage: int | None = None,
+    stage_input: str | None = None,
+    devices: str | None = None,
     **dit_options: Any,
 ) -> OmniStageConfig:
     """A ``dit`` stage; ``dit_options`` are :class:`DiTConfig` fields (e.g. ``num_inference_steps=20``)."""
     return OmniStageConfig(
-        stage_id=stage_id,
-        engine_type="dit",
-        model_path=model_path,
-        input_modalities=input_modalities or ["text"],
-        output_modalities=output_modalities or ["image"],
-        dit_config=DiTConfig.from_dict(dit_options),
-        final_output=final_output,
-    )
+        stage_id, "dit", model_path, input_modalities or ["text"], output_modalities or ["image"],
+        dit_config=DiTConfig.from_dict(dit_options), final_output=final_output, source_stage=source_stage,
+        stage_input=stage_input, devices=devices,
+    )  # fmt: skip

@@ -8,22 +8,26 @@ from typing import Any
 
 @dataclass
 class OmniRequestOutput:
-    """The final result of one request, and what each stage produced for it."""
+    """One request's result so far: the final outputs, and what each stage produced for it.
+
+    ``OmniLLM`` returns it once per request (``finished``); ``AsyncOmniLLM`` yields a fresh snapshot each
+    time a stage reports (``stage_id`` says which; an AR stage reports every step when it streams).
+    """
 
     request_id: str
     prompt: Any
     """The request's input as given to the first stage."""
     text: str | None = None
-    """Generated text of the last text-producing final stage."""
+    """Generated text of the last text-producing final stage (so far, while it streams)."""
     images: Any = None
     """Images of the last image-producing final stage (list of PIL images, or a float array NHWC)."""
     latents: Any = None
     """Final latents of the last DiT stage, when asked for."""
     stage_outputs: dict[int, Any] = field(default_factory=dict)
     """Each stage's own output object by ``stage_id`` (``vllm.RequestOutput`` or ``DiffusionOutput``)."""
+    stage_id: int | None = None
+    """The stage whose report this snapshot follows."""
+    finished: bool = False
+    """Whether the request has left the pipeline (done, failed or aborted)."""
     error: str | None = None
-    """Why the request failed (naming the stage); None on success."""
-
-    @property
-    def finished(self) -> bool:
-        return True
+    """Why the request failed or stopped (naming the stage, or ``aborted``); None on success."""

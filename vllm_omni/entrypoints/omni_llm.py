@@ -3,34 +3,36 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import count
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from vllm_omni.config.stage import OmniStageConfig, load_stage_configs
 from vllm_omni.core.outputs import OmniRequestOutput
-from vllm_omni.core.stage_runner import ARStageRunner, make_stage_runner
+from vllm_omni.core.stage_engine import stage_params
+from vllm_omni.core.stage_manager import StageManager
+
+POLL_SECONDS = 1.0
 
 
 class OmniLLM:
-    """Offline pipeline of stages, each served by its own engine.
+    """Offline pipeline of stages, each served by its own engine in its own process.
 
     One request per prompt flows through the stages; ``generate`` returns an :class:`OmniRequestOutput`
-    per prompt, in order. Stages run one after another, each on the whole batch. Hand-offs in this
-    release: text (an ``ar`` stage's generated text is the next stage's prompt), so a pipeline is any
-    number of ``ar`` stages optionally followed by one ``dit`` stage.
+    per prompt, in order. Stages overlap across requests: a request moves to the next stage as soon as
+    its current stage has finished it. Hand-offs: text (an ``ar`` stage's text is the next prompt), prompt
+    hidden states (an ``ar`` stage's, as a ``dit`` stage's ``prompt_embeds``), images (a ``dit`` stage's
+    image is the next ``dit`` stage's init image), or a registered stage-input function of your own.
     """
 
-    def __init__(self, stages: Sequence[OmniStageConfig] | str | Path) -> None:
-        """``stages``: the stage configs, or the path of a YAML pipeline file (``load_stage_configs``)."""
+    def __init__(self, stages: Sequence[OmniStageConfig] | str | Path, **manager_options: Any) -> None:
+        """``stages``: the stage configs, or the path of a YAML pipeline file (``load_stage_configs``).
+        ``manager_options``: :class:`StageManager` options (``launcher``, ``shm_threshold``)."""
         self.stages = load_stage_configs(stages) if isinstance(stages, (str, Path)) else list(stages)
-        _check_pipeline(self.stages)
-        self.runners = []
-        try:
-            for stage in self.stages:
-                self.runners.append(make_stage_runner(stage))
-        except Exception:
-            self.close()
-            raise
+        self.manager = StageManager(self.stages, **manager_options)
+        self._ids = count()
 
     def generate(
         self, prompts: Any, sampling_params: Any = None, use_tqdm: bool = True
@@ -40,60 +42,45 @@ class OmniLLM:
         ``sampling_params``: a list with one entry per stage (for a pipeline of several stages), or a single
         entry for every stage; an entry is the stage's params object (``vllm.SamplingParams`` for ``ar``,
         ``DiffusionSamplingParams`` for ``dit``), a dict of its fields, or a list with one per prompt.
+        A prompt the first stage rejects fails the call (ValueError) and runs nothing; a later stage's
+        rejection or failure is the request's ``error``.
         """
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-        inputs, per_stage = prompts, []
-        for index, runner in enumerate(self.runners):
-            entry = _stage_entry(sampling_params, len(self.runners), index)
-            params = [runner.params(e) for e in _per_prompt(entry, len(prompts))]
-            outputs = runner.run(inputs, params, use_tqdm)
-            per_stage.append(outputs)
-            if isinstance(runner, ARStageRunner):
-                inputs = [{"prompt": runner.text(output)} for output in outputs]
-        return [self._request_output(i, prompt, per_stage) for i, prompt in enumerate(prompts)]
+        params = self.stage_params(sampling_params, len(prompts))
+        ids = [f"omni-{next(self._ids)}" for _ in prompts]
+        self.manager.add_requests(list(zip(ids, prompts, params, strict=True)))
+        results: dict[str, OmniRequestOutput] = {}
+        with tqdm(total=len(ids), desc="Omni requests", disable=not use_tqdm) as bar:
+            while len(results) < len(ids):
+                for update in self.manager.poll(POLL_SECONDS):
+                    if update.finished:
+                        results[update.request_id] = update
+                        bar.update(1)
+                if self.manager.dead is not None and len(results) < len(ids):
+                    raise self.manager.dead
+        return [results[request_id] for request_id in ids]
 
-    def _request_output(self, index: int, prompt: Any, per_stage: list[list[Any]]) -> OmniRequestOutput:
-        # The first stage's request id names the request (unique across calls in both engine kinds).
-        result = OmniRequestOutput(request_id=per_stage[0][index].request_id, prompt=prompt)
-        for stage, runner, outputs in zip(self.stages, self.runners, per_stage, strict=True):
-            output = outputs[index]
-            result.stage_outputs[stage.stage_id] = output
-            if isinstance(runner, ARStageRunner):
-                if stage.final_output:
-                    result.text = runner.text(output)
-            else:
-                result.error = f"stage {stage.stage_id}: {output.error}" if output.error else None
-                if stage.final_output:
-                    result.images, result.latents = output.images, output.latents
-        return result
+    def stage_params(self, sampling_params: Any, num_prompts: int) -> list[list[Any]]:
+        """Each prompt's params object per stage (AR stages report only their final output)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        per_stage = []
+        for index, stage in enumerate(self.stages):
+            entries = _per_prompt(_stage_entry(sampling_params, len(self.stages), index), num_prompts)
+            objects = [stage_params(stage, entry) for entry in entries]
+            if stage.engine_type == "ar":
+                for p in objects:
+                    p.output_kind = RequestOutputKind.FINAL_ONLY
+            per_stage.append(objects)
+        return [list(p) for p in zip(*per_stage, strict=True)]
+
+    def stage_stats(self, stage_id: int) -> dict[str, int]:
+        """What stage ``stage_id``'s engine holds now (requests, bytes)."""
+        return self.manager.stage_stats(stage_id)
 
     def close(self) -> None:
-        """Stop every stage's engine."""
-        for runner in self.runners:
-            runner.close()
-
-
-def _check_pipeline(stages: list[OmniStageConfig]) -> None:
-    if not stages:
-        raise ValueError("OmniLLM needs at least one stage")
-    for position, stage in enumerate(stages):
-        if stage.stage_id != position:
-            raise ValueError(
-                f"stage {stage.stage_id}: stage_id must equal its position in the list ({position})"
-            )
-        if position == 0:
-            continue
-        before = stages[position - 1]
-        if (
-            before.engine_type != "ar"
-            or stage.input_modalities != ["text"]
-            or "text" not in before.output_modalities
-        ):
-            raise NotImplementedError(
-                f"stage {stage.stage_id}: only text hand-offs from an 'ar' stage are supported so far "
-                f"(stage {before.stage_id} is {before.engine_type!r} with output {before.output_modalities}, "
-                f"stage {stage.stage_id} takes {stage.input_modalities})"
-            )
+        """Stop every stage's process."""
+        self.manager.shutdown()
 
 
 def _stage_entry(sampling_params: Any, num_stages: int, index: int) -> Any:

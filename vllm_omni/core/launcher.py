@@ -1,0 +1,92 @@
+"""Stage launchers: where a stage's process runs. Local processes are the default.
+
+A launcher starts ``run_stage(config, inbox, outbox, prefix, threshold)`` somewhere and returns a handle
+the manager can watch and stop. Another launcher (e.g. Ray actors on other machines) implements the same
+two methods; docs/features/omni_pipelines.md describes how that maps.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from typing import Any, Protocol
+
+import psutil
+
+from vllm_omni.config.stage import OmniStageConfig
+from vllm_omni.core.stage_worker import run_stage
+
+CHILD_GRACE_SECONDS = 5.0
+"""How long a stopped stage's own children get to exit before they are killed."""
+
+
+class StageHandle(Protocol):
+    """A running stage, as the manager sees it."""
+
+    def is_alive(self) -> bool: ...
+
+    def exit_description(self) -> str:
+        """How the stage ended (for errors that name it), e.g. ``exit code -9``."""
+        ...
+
+    def stop(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for a clean exit, then kill the stage and what it started."""
+        ...
+
+
+class StageLauncher(Protocol):
+    """Starts stages; ``queue_context`` makes the queues the manager and the stages talk through."""
+
+    queue_context: Any
+
+    def launch(self, config: OmniStageConfig, inbox: Any, outbox: Any, prefix: str, threshold: int) -> Any:
+        """Start ``config``'s stage; returns its :class:`StageHandle`."""
+        ...
+
+
+class LocalProcess:
+    """A stage in a local process (spawned: a fresh interpreter, safe with CUDA)."""
+
+    def __init__(self, process: multiprocessing.Process) -> None:
+        self.process = process
+
+    def is_alive(self) -> bool:
+        return self.process.is_alive()
+
+    def exit_description(self) -> str:
+        code = self.process.exitcode
+        return "is running" if code is None else f"exited with code {code}"
+
+    def stop(self, timeout: float) -> None:
+        descendants = _descendants(self.process.pid)  # e.g. an AR stage's EngineCore
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        _, alive = psutil.wait_procs(descendants, timeout=CHILD_GRACE_SECONDS)
+        for child in alive:
+            child.kill()
+        self.process.close()
+
+
+class LocalProcessLauncher:
+    """One local process per stage (the default launcher)."""
+
+    queue_context = multiprocessing.get_context("spawn")
+
+    def launch(
+        self, config: OmniStageConfig, inbox: Any, outbox: Any, prefix: str, threshold: int
+    ) -> LocalProcess:
+        process = self.queue_context.Process(
+            target=run_stage,
+            args=(config, inbox, outbox, prefix, threshold),
+            name=f"omni-stage-{config.stage_id}-{config.engine_type}",
+        )
+        process.start()
+        return LocalProcess(process)
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
