@@ -11,6 +11,11 @@ from vllm_omni.version import __version__
 
 _LAZY = {
     "OmniLLM": "vllm_omni.entrypoints.omni_llm",
+    "AsyncOmniLLM": "vllm_omni.entrypoints.async_omni_llm",
+    "OmniStageConfig": "vllm_omni.config.stage",
+    "OmniRequestOutput": "vllm_omni.core.outputs",
+    "StageInput": "vllm_omni.core.stage_input",
+    "register_stage_input": "vllm_omni.core.stage_input",
     "create_ar_stage_config": "vllm_omni.config.stage",
     "create_dit_stage_config": "vllm_omni.config.stage",
     "MultimodalQwen3Pipeline": "vllm_omni.entrypoints.multimodal_qwen3_pipeline",

@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import count
 from typing import Any
@@ -72,6 +72,9 @@ class StageManager:
         self._adds: dict[int, list[str]] = {}
         self._tokens = count()
         self._lock = threading.RLock()
+        self._replied = threading.Condition(self._lock)
+        self._stopping = threading.Event()
+        self._pump: threading.Thread | None = None
         self._last_check = 0.0
         try:
             for stage, inbox in zip(self.stages, self.inboxes, strict=True):
@@ -114,19 +117,32 @@ class StageManager:
                 self._finish(request, error="aborted")
 
     def poll(self, timeout: float) -> list[OmniRequestOutput]:
-        """Route what the stages sent (waiting up to ``timeout`` seconds for the first message); returns
-        the snapshots of requests that progressed, finished ones with ``finished`` set."""
-        with self._lock:
-            deadline = time.monotonic() + timeout
-            while not self._updates and self.requests:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._route_one(min(LIVENESS_SECONDS, remaining))
-            while self._route_one(0.0):
-                pass
-            updates, self._updates = self._updates, []
-            return updates
+        """Route what the stages sent, waiting up to ``timeout`` seconds for news; returns the snapshots
+        of requests that progressed (finished ones with ``finished`` set). One thread polls at a time."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            message = self._receive(min(LIVENESS_SECONDS, max(remaining, 0.0)))
+            with self._lock:
+                while message is not None:
+                    self._route(message)
+                    message = self._receive(0.0)
+                self._check_alive()
+                if self._updates or remaining <= 0 or self.dead is not None:
+                    updates, self._updates = self._updates, []
+                    return updates
+
+    def start_background(self, deliver: Callable[[list[OmniRequestOutput]], None]) -> None:
+        """Poll in a thread of its own from now on, passing each batch of updates to ``deliver``."""
+
+        def pump() -> None:
+            while not self._stopping.is_set() and self.dead is None:
+                updates = self.poll(LIVENESS_SECONDS)
+                if updates:
+                    deliver(updates)
+
+        self._pump = threading.Thread(target=pump, name="omni-stage-manager", daemon=True)
+        self._pump.start()
 
     def stage_stats(self, stage_id: int) -> dict[str, int]:
         """What stage ``stage_id``'s engine holds (requests, bytes)."""
@@ -138,16 +154,19 @@ class StageManager:
 
     def shutdown(self) -> None:
         """Stop every stage process (and what they started); idempotent; also runs at exit."""
+        self._stopping.set()
+        if self._pump is not None and self._pump is not threading.current_thread():
+            self._pump.join()
         self._finalizer()
 
     # ---- routing -----------------------------------------------------------------------------------
-    def _route_one(self, timeout: float) -> bool:
-        """Handle one message from the stages; False when none came within ``timeout``."""
-        self._check_alive()
+    def _receive(self, timeout: float) -> tuple | None:
         try:
-            message = loads(self.outbox.get(timeout=timeout) if timeout > 0 else self.outbox.get_nowait())
+            return loads(self.outbox.get(timeout=timeout) if timeout > 0 else self.outbox.get_nowait())
         except queue.Empty:
-            return False
+            return None
+
+    def _route(self, message: tuple) -> None:
         kind, stage_id = message[0], message[1]
         if kind == "outputs":
             for request_id, output, finished in message[2]:
@@ -156,7 +175,6 @@ class StageManager:
             self._on_reply(stage_id, *message[2:])
         elif kind in ("error", "start_failed"):
             self._on_dead(stage_id, f"failed:\n{message[2]}")
-        return True
 
     def _on_output(self, stage_id: int, request_id: str, output: Any, finished: bool) -> None:
         request = self.requests.get(request_id)
@@ -194,6 +212,7 @@ class StageManager:
     def _on_reply(self, stage_id: int, token: int, value: Any) -> None:
         if token in self._waited:
             self._replies[token] = value
+            self._replied.notify_all()
             return
         request_ids = self._adds.pop(token, [])
         if value is None:  # accepted
@@ -232,11 +251,16 @@ class StageManager:
         return token
 
     def _wait_reply(self, token: int) -> Any:
+        """The stage's reply to ``token`` (call with the lock held); routes meanwhile unless a background
+        thread does."""
         self._waited.add(token)
         try:
             while token not in self._replies:
                 self._raise_if_dead()
-                self._route_one(LIVENESS_SECONDS)
+                if self._pump is not None:
+                    self._replied.wait(LIVENESS_SECONDS)
+                elif (message := self._receive(LIVENESS_SECONDS)) is not None:
+                    self._route(message)
             return self._replies.pop(token)
         finally:
             self._waited.discard(token)

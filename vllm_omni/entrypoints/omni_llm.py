@@ -11,8 +11,8 @@ from tqdm import tqdm
 
 from vllm_omni.config.stage import OmniStageConfig, load_stage_configs
 from vllm_omni.core.outputs import OmniRequestOutput
-from vllm_omni.core.stage_engine import stage_params
 from vllm_omni.core.stage_manager import StageManager
+from vllm_omni.entrypoints.omni_params import pipeline_params
 
 POLL_SECONDS = 1.0
 
@@ -41,12 +41,13 @@ class OmniLLM:
 
         ``sampling_params``: a list with one entry per stage (for a pipeline of several stages), or a single
         entry for every stage; an entry is the stage's params object (``vllm.SamplingParams`` for ``ar``,
-        ``DiffusionSamplingParams`` for ``dit``), a dict of its fields, or a list with one per prompt.
+        ``DiffusionSamplingParams`` for ``dit``), a dict of its fields, or a list with one per prompt
+        (``vllm_omni.entrypoints.omni_params.pipeline_params``).
         A prompt the first stage rejects fails the call (ValueError) and runs nothing; a later stage's
         rejection or failure is the request's ``error``.
         """
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-        params = self.stage_params(sampling_params, len(prompts))
+        params = pipeline_params(self.stages, sampling_params, len(prompts), streaming=False)
         ids = [f"omni-{next(self._ids)}" for _ in prompts]
         self.manager.add_requests(list(zip(ids, prompts, params, strict=True)))
         results: dict[str, OmniRequestOutput] = {}
@@ -56,23 +57,9 @@ class OmniLLM:
                     if update.finished:
                         results[update.request_id] = update
                         bar.update(1)
-                if self.manager.dead is not None and len(results) < len(ids):
+                if self.manager.dead is not None:
                     raise self.manager.dead
         return [results[request_id] for request_id in ids]
-
-    def stage_params(self, sampling_params: Any, num_prompts: int) -> list[list[Any]]:
-        """Each prompt's params object per stage (AR stages report only their final output)."""
-        from vllm.sampling_params import RequestOutputKind
-
-        per_stage = []
-        for index, stage in enumerate(self.stages):
-            entries = _per_prompt(_stage_entry(sampling_params, len(self.stages), index), num_prompts)
-            objects = [stage_params(stage, entry) for entry in entries]
-            if stage.engine_type == "ar":
-                for p in objects:
-                    p.output_kind = RequestOutputKind.FINAL_ONLY
-            per_stage.append(objects)
-        return [list(p) for p in zip(*per_stage, strict=True)]
 
     def stage_stats(self, stage_id: int) -> dict[str, int]:
         """What stage ``stage_id``'s engine holds now (requests, bytes)."""
@@ -81,17 +68,3 @@ class OmniLLM:
     def close(self) -> None:
         """Stop every stage's process."""
         self.manager.shutdown()
-
-
-def _stage_entry(sampling_params: Any, num_stages: int, index: int) -> Any:
-    if isinstance(sampling_params, (list, tuple)) and len(sampling_params) == num_stages and num_stages > 1:
-        return sampling_params[index]
-    return sampling_params
-
-
-def _per_prompt(entry: Any, num_prompts: int) -> list[Any]:
-    if isinstance(entry, (list, tuple)):
-        if len(entry) != num_prompts:
-            raise ValueError(f"sampling_params has {len(entry)} entries for {num_prompts} prompts")
-        return list(entry)
-    return [entry] * num_prompts

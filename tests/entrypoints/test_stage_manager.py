@@ -1,0 +1,147 @@
+"""StageManager: tensors through shared memory, stage processes that fail, die or outlive their manager."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+
+from vllm_omni import OmniLLM, create_dit_stage_config
+from vllm_omni.core.stage_io import SHM_DIR, dumps, loads, segment_prefix, sweep
+from vllm_omni.core.stage_manager import OmniStageError
+from vllm_omni.testing.tiny_models import tiny_model_path
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SLOW_DIT = dict(num_inference_steps=200, height=32, width=32)
+
+
+def segments(prefix: str) -> list[str]:
+    return [p.name for p in SHM_DIR.glob(f"{prefix}*")]
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.randn(512, 1024),  # 2 MiB
+        torch.randn(1024, 1024, dtype=torch.bfloat16).t(),  # non-contiguous, 2 MiB
+        torch.arange(300_000, dtype=torch.int64),
+    ],
+)
+def test_large_tensors_travel_in_shared_memory_and_are_freed_on_load(tensor):
+    prefix = segment_prefix(os.getpid()) + "t_"
+    message = ("outputs", 0, [("r", {"big": tensor, "small": torch.ones(4)}, True)])
+    data = dumps(message, threshold=1 << 20, prefix=prefix)
+    assert len(data) < 2048  # a handle, not the bytes
+    assert len(segments(prefix)) == 1
+    out = loads(data)[2][0][1]
+    assert torch.equal(out["big"], tensor) and out["big"].dtype == tensor.dtype
+    assert torch.equal(out["small"], torch.ones(4))
+    assert segments(prefix) == []
+    pickled = pickle.dumps(tensor)
+    assert len(dumps(tensor, threshold=tensor.numel() * tensor.element_size() + 1)) >= len(pickled) // 2
+
+
+def test_sweep_unlinks_what_nobody_loaded():
+    prefix = segment_prefix(os.getpid()) + "sweep_"
+    dumps(torch.zeros(1 << 18), threshold=1, prefix=prefix)
+    dumps(torch.zeros(1 << 18), threshold=1, prefix=prefix)
+    assert len(segments(prefix)) == 2
+    assert sweep(prefix) == 2 and segments(prefix) == []
+
+
+@pytest.fixture()
+def slow_dit():
+    omni = OmniLLM([create_dit_stage_config(0, tiny_model_path("sd3"), **SLOW_DIT)])
+    yield omni
+    omni.close()
+
+
+def test_a_dying_stage_fails_pending_requests_promptly_naming_it(slow_dit):
+    stage_pid = slow_dit.manager.handles[0].process.pid
+    threading.Timer(1.0, os.kill, (stage_pid, signal.SIGKILL)).start()
+    start = time.monotonic()
+    with pytest.raises(OmniStageError, match=r"stage 0 \(dit\) exited with code -9"):
+        slow_dit.generate(["a", "b", "c"], {"seed": 1}, use_tqdm=False)
+    assert time.monotonic() - start < 10
+    with pytest.raises(OmniStageError, match=r"stage 0 \(dit\)"):
+        slow_dit.generate("again", use_tqdm=False)
+    slow_dit.close()
+    assert segments(slow_dit.manager.prefix) == []
+
+
+def test_a_stage_that_cannot_start_is_named_and_nothing_is_left(tmp_path):
+    before = set(p.pid for p in psutil.Process().children(recursive=True))
+    stages = [create_dit_stage_config(0, str(tmp_path))]  # no model_index.json there
+    with pytest.raises(OmniStageError, match=r"stage 0 \(dit\) failed to start"):
+        OmniLLM(stages)
+    stage_children = [
+        p for p in psutil.Process().children(recursive=True)
+        if p.pid not in before and "resource_tracker" not in " ".join(p.cmdline())
+    ]  # fmt: skip
+    assert stage_children == []
+
+
+def _start_script(body: str) -> subprocess.Popen:
+    script = textwrap.dedent(body)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": REPO}
+    return subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+
+
+def _descendant_pids(process: subprocess.Popen, line: str) -> list[psutil.Process]:
+    """Wait for ``line`` on the script's stdout; then its process tree (stages, engines)."""
+    for out in process.stdout:
+        if out.strip() == line:
+            break
+    else:
+        raise AssertionError(f"the script ended before printing {line!r}")
+    tree = psutil.Process(process.pid).children(recursive=True)
+    return [p for p in tree if "resource_tracker" not in " ".join(p.cmdline())]
+
+
+def test_a_killed_manager_leaves_no_stage_behind():
+    process = _start_script(f"""
+        import time
+        from vllm_omni import OmniLLM, create_dit_stage_config
+        from vllm_omni.testing.tiny_models import tiny_model_path
+        if __name__ == "__main__":
+            omni = OmniLLM([create_dit_stage_config(0, tiny_model_path("sd3"), **{SLOW_DIT})])
+            print("ready", flush=True)
+            time.sleep(600)
+    """)
+    stages = _descendant_pids(process, "ready")
+    assert stages
+    process.kill()
+    process.wait()
+    _, alive = psutil.wait_procs(stages, timeout=15)
+    assert alive == []
+
+
+@pytest.mark.engine
+def test_ctrl_c_stops_every_stage_and_engine():
+    process = _start_script(f"""
+        from vllm_omni import OmniLLM, create_ar_stage_config, create_dit_stage_config
+        from vllm_omni.testing.tiny_models import tiny_model_path
+        if __name__ == "__main__":
+            ar = create_ar_stage_config(0, tiny_model_path("qwen3"), max_model_len=256, enforce_eager=True)
+            omni = OmniLLM([ar, create_dit_stage_config(1, tiny_model_path("sd3"), **{SLOW_DIT})])
+            print("ready", flush=True)
+            omni.generate(["a", "b"], [{{"max_tokens": 4}}, {{"seed": 1}}], use_tqdm=False)
+    """)
+    tree = _descendant_pids(process, "ready")
+    assert len(tree) >= 3  # two stage processes, the AR stage's EngineCore (and its worker)
+    time.sleep(2)  # inside generate
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    assert process.wait(timeout=90) != 0
+    _, alive = psutil.wait_procs(tree, timeout=15)
+    assert alive == []

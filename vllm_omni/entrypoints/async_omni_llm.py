@@ -1,0 +1,74 @@
+"""``AsyncOmniLLM``: online inference through an omni pipeline (asyncio; many concurrent requests)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+from vllm_omni.config.stage import OmniStageConfig, load_stage_configs
+from vllm_omni.core.outputs import OmniRequestOutput
+from vllm_omni.core.stage_manager import StageManager
+from vllm_omni.entrypoints.omni_params import pipeline_params
+
+
+class AsyncOmniLLM:
+    """Pipeline of stages served for concurrent callers: ``async for out in omni.generate(...)``.
+
+    Each request yields an :class:`OmniRequestOutput` snapshot whenever one of its stages reports: every
+    token of a streaming AR stage (``output_kind`` CUMULATIVE, the ``SamplingParams`` default), each
+    stage's finished output, and last the finished request (``finished``; ``error`` if it failed or was
+    aborted). A background thread routes the stages' messages; stages run in their own processes.
+    """
+
+    def __init__(self, stages: Sequence[OmniStageConfig] | str | Path, **manager_options: Any) -> None:
+        """Start every stage (blocking; see :class:`OmniLLM` for ``stages`` and ``manager_options``)."""
+        self.stages = load_stage_configs(stages) if isinstance(stages, (str, Path)) else list(stages)
+        self.manager = StageManager(self.stages, **manager_options)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.manager.start_background(self._deliver)
+
+    async def generate(
+        self, prompt: Any, sampling_params: Any = None, request_id: str | None = None
+    ) -> AsyncIterator[OmniRequestOutput]:
+        """Run one ``prompt`` through the pipeline, yielding its snapshots until it finishes.
+
+        ``sampling_params`` as in ``OmniLLM.generate`` for one prompt. Cancelling the consumer (e.g. a
+        client disconnect) aborts the request in whichever stage serves it.
+        """
+        request_id = request_id or uuid4().hex
+        params = pipeline_params(self.stages, sampling_params, 1, streaming=True)[0]
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        finished = False
+        try:
+            self.manager.add_requests([(request_id, prompt, params)], wait=False)
+            while not finished:
+                output = await stream.get()
+                finished = output.finished
+                yield output
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.manager.abort([request_id])
+
+    async def abort(self, request_id: str | list[str]) -> None:
+        """Stop requests at whatever stage they are; their streams end with ``error == "aborted"``."""
+        self.manager.abort([request_id] if isinstance(request_id, str) else list(request_id))
+
+    async def stage_stats(self, stage_id: int) -> dict[str, int]:
+        """What stage ``stage_id``'s engine holds now (requests, bytes)."""
+        return await asyncio.to_thread(self.manager.stage_stats, stage_id)
+
+    def shutdown(self) -> None:
+        """Stop every stage's process."""
+        self.manager.shutdown()
+
+    def _deliver(self, updates: list[OmniRequestOutput]) -> None:
+        for update in updates:
+            target = self._streams.get(update.request_id)
+            if target is not None:
+                loop, stream = target
+                loop.call_soon_threadsafe(stream.put_nowait, update)
