@@ -20,7 +20,9 @@ def omni(dit_path):
     stage = create_dit_stage_config(
         0, dit_path, ["text"], ["image"], num_inference_steps=3, height=32, width=32
     )
-    return OmniLLM([stage])
+    pipeline = OmniLLM([stage])
+    yield pipeline
+    pipeline.close()
 
 
 def test_generate_returns_images_in_order(omni):
@@ -95,20 +97,44 @@ def test_diffusers_executor_refuses_what_it_cannot_do(dit_path):
     assert outputs["bad"].error.startswith("ValueError")  # the pipeline's own check, reported per request
 
 
-def test_pipeline_from_yaml(tmp_path, dit_path):
+def test_image_to_image_pipeline_equals_the_stages_by_hand(dit_path, dit_engine):
+    size = dict(num_inference_steps=3, height=32, width=32)
+    t2i = create_dit_stage_config(0, dit_path, ["text"], ["image"], final_output=False, **size)
+    i2i = create_dit_stage_config(1, dit_path, ["text", "image"], ["image"], **size)
+    omni = OmniLLM([t2i, i2i])
+    try:
+        params = [{"seed": 1}, {"seed": 2, "strength": 0.7, "output_type": "np"}]
+        out = omni.generate({"prompt": "a red sunset"}, params, use_tqdm=False)[0]
+    finally:
+        omni.close()
+    dit_engine.add_request("h1", "a red sunset", Params(seed=1, **size))
+    first = run_all(dit_engine)["h1"].images[0]
+    assert np.array_equal(np.asarray(out.stage_outputs[0].images[0]), np.asarray(first))
+    dit_engine.add_request("h2", {"prompt": "a red sunset", "image": first}, Params(seed=2, strength=0.7,
+                           output_type="np", **size))  # fmt: skip
+    second = run_all(dit_engine)["h2"]
+    assert out.error is None and out.stage_outputs[1].num_steps == second.num_steps
+    assert np.abs(out.images - second.images).max() < 1e-5
+
+
+def test_pipeline_from_yaml(tmp_path, dit_path, monkeypatch):
+    monkeypatch.setenv("OMNI_TEST_DIT", dit_path)
     path = tmp_path / "pipeline.yaml"
     path.write_text(
         "stages:\n"
         "  - stage_id: 0\n"
         "    engine_type: dit\n"
-        f"    model_path: {dit_path}\n"
+        "    model_path: ${OMNI_TEST_DIT}\n"
         "    input_modalities: [text]\n"
         "    output_modalities: [image]\n"
         "    dit_config: {num_inference_steps: 2, height: 32, width: 32}\n"
     )
     omni = OmniLLM(str(path))
-    assert omni.stages[0].dit_config.num_inference_steps == 2
-    out = omni.generate("a red sunset", {"seed": 3}, use_tqdm=False)[0]
+    try:
+        assert omni.stages[0].dit_config.num_inference_steps == 2 and omni.stages[0].model_path == dit_path
+        out = omni.generate("a red sunset", {"seed": 3}, use_tqdm=False)[0]
+    finally:
+        omni.close()
     assert out.error is None and out.stage_outputs[0].num_steps == 2
 
 

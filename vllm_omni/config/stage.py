@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,10 @@ class OmniStageConfig:
 
 
 def load_stage_configs(path: str | Path) -> list[OmniStageConfig]:
-    """The stages of a YAML pipeline file: a ``stages`` list of :class:`OmniStageConfig` fields."""
+    """The stages of a YAML pipeline file: a ``stages`` list of :class:`OmniStageConfig` fields.
+
+    ``$VAR`` / ``${VAR}`` in a ``model_path`` is replaced by the environment variable's value.
+    """
     import yaml
 
     with open(path) as f:
@@ -87,6 +91,8 @@ def load_stage_configs(path: str | Path) -> list[OmniStageConfig]:
         if not isinstance(entry, dict):
             raise ValueError(f"{path}: stages[{position}] must be a mapping of stage config keys")
         where = f"{path}: stage {entry.get('stage_id', position)}: unknown key(s)"
+        if isinstance(entry.get("model_path"), str):
+            entry["model_path"] = os.path.expandvars(entry["model_path"])
         stages.append(from_known_keys(OmniStageConfig, entry, where))
     return stages
 
