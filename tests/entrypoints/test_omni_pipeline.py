@@ -5,7 +5,13 @@ import pytest
 from PIL import Image
 from vllm import SamplingParams
 
-from vllm_omni import OmniLLM, create_ar_stage_config, create_dit_stage_config
+from vllm_omni import (
+    OmniLLM,
+    StageInput,
+    create_ar_stage_config,
+    create_dit_stage_config,
+    register_stage_input,
+)
 from vllm_omni.config.dit import DiTConfig
 from vllm_omni.diffusion.request import DiffusionSamplingParams
 from vllm_omni.testing.tiny_models import tiny_model_path
@@ -53,6 +59,31 @@ def test_text_hand_off_equals_running_the_stages_by_hand(omni, qwen3_llm):
         direct.update({o.request_id: o for o in engine.step()})
     for i, out in enumerate(outputs):  # requests may reach the DiT stage apart: other batch, float32 noise
         assert np.abs(out.images - direct[str(i)].images).max() < 1e-5
+
+
+@register_stage_input("test_summary_prompt")
+def summary_prompt(data: StageInput) -> dict:
+    """A user's own hand-off: the source's text inside a new prompt."""
+    return {"prompt": f"Summary of ({data.text}): {data.source.outputs[0].text}"}
+
+
+def test_text_to_text_through_a_registered_stage_input(qwen3_llm):
+    qwen3 = tiny_model_path("qwen3")
+    args = dict(dtype="float32", max_model_len=256, enforce_eager=True)
+    first = create_ar_stage_config(0, qwen3, final_output=False, **args)
+    second = create_ar_stage_config(1, qwen3, stage_input="test_summary_prompt", **args)
+    omni = OmniLLM([first, second])
+    sources = ["The quick brown fox", "A beautiful landscape"]
+    try:
+        outputs = omni.generate(sources, GREEDY, use_tqdm=False)
+    finally:
+        omni.close()
+    drafts = [o.outputs[0].text for o in qwen3_llm.generate(sources, GREEDY)]
+    prompts = [f"Summary of ({p}): {d}" for p, d in zip(sources, drafts, strict=True)]
+    finals = [o.outputs[0].text for o in qwen3_llm.generate(prompts, GREEDY)]
+    assert [o.stage_outputs[0].outputs[0].text for o in outputs] == drafts
+    assert [o.stage_outputs[1].prompt for o in outputs] == prompts
+    assert [o.text for o in outputs] == finals
 
 
 def test_pipeline_errors_name_the_stage():
