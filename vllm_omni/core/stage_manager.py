@@ -93,18 +93,24 @@ class StageManager:
         """
         with self._lock:
             self._raise_if_dead()
+            ids = [request_id for request_id, _, _ in requests]
+            taken = sorted(set(ids) & set(self.requests)) or sorted({i for i in ids if ids.count(i) > 1})
+            if taken:
+                raise ValueError(f"request id(s) {taken} already in the pipeline")
+            first = [(rid, self._first_input(prompt), params[0]) for rid, prompt, params in requests]
             for request_id, prompt, params in requests:
-                if request_id in self.requests:
-                    raise ValueError(f"request id {request_id!r} is already in the pipeline")
                 result = OmniRequestOutput(request_id=request_id, prompt=prompt)
                 self.requests[request_id] = _Request(params, result)
-            token = self._send_add(0, [(rid, prompt, params[0]) for rid, prompt, params in requests], wait)
+            token = self._send_add(0, first, wait)
             if wait:
                 error = self._wait_reply(token)
                 if error is not None:
                     for request_id, _, _ in requests:
                         self.requests.pop(request_id, None)
                     raise (ValueError if error[0] == "ValueError" else OmniStageError)(error[1])
+
+    def _first_input(self, prompt: Any) -> Any:
+        return self.stage_inputs[0](StageInput(prompt, {}, self.stages[0]))
 
     def abort(self, request_ids: list[str]) -> None:
         """Stop these requests in whichever stage serves them; each ends with an ``aborted`` update."""

@@ -1,0 +1,162 @@
+"""Omni pipelines, measured side by side in one run: pipelining, hand-off overhead, AR stage cost.
+
+1. pipelining: REQUESTS requests through AR (Qwen3, hidden 512, 4 layers, random; a different max_tokens
+   per request so they finish apart) -> DiT (tiny SD3), end-to-end throughput vs the standalone throughput
+   of the slower stage (each stage alone, same engine, own process, same inputs). Goal >= 0.9x.
+2. handoff: one hop of a stage message with a float32 tensor of MIB MiB (shared memory, and plain pickling
+   for comparison) between two processes, and the end-to-end latency of one request through the
+   hidden-state pipeline (AR prompt hidden states -> Z-Image). A hand-off is two hops (stage -> manager ->
+   next stage); overhead = 2 hops / end-to-end latency. Goal < 2%.
+3. ar: the AR stage alone inside OmniLLM vs plain vllm.LLM on the same model and prompts, alternating
+   rounds (medians). Goal >= 0.97x.
+
+Usage: python benchmarks/omni_pipeline.py [--only pipelining|handoff|ar] [--requests 16] [--rounds 3]
+Run it on a quiet machine: other processes on the 2 cores move every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vllm_omni import OmniLLM, create_ar_stage_config, create_dit_stage_config
+from vllm_omni.core.stage_io import dumps, loads
+from vllm_omni.testing.tiny_models import build_qwen3, tiny_model_path
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+AR_ARGS = dict(dtype="float32", max_model_len=1024, max_num_seqs=64, enforce_eager=True)
+DIT = dict(num_inference_steps=8, height=64, width=64)
+
+
+def small_qwen3(tmp: Path) -> str:
+    """A random Qwen3 big enough that its compute, not per-request overhead, dominates."""
+    build_qwen3(tmp / "qwen3", hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                num_attention_heads=8, num_key_value_heads=4, head_dim=64)  # fmt: skip
+    return str(tmp / "qwen3")
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - start, result
+
+
+# ---- 1. pipelining ---------------------------------------------------------------------------------
+def pipelining(args, qwen3: str) -> None:
+    prompts = [f"Describe picture number {i}:" for i in range(args.requests)]
+    ar_params = [
+        {"temperature": 0.0, "max_tokens": 8 + 2 * i, "ignore_eos": True} for i in range(args.requests)
+    ]
+    dit_params = [{"seed": i} for i in range(args.requests)]
+    ar = create_ar_stage_config(0, qwen3, **AR_ARGS)
+    pipeline = OmniLLM([ar, create_dit_stage_config(1, tiny_model_path("sd3"), **DIT)])
+    ar_alone = OmniLLM([ar])
+    dit_alone = OmniLLM([create_dit_stage_config(0, tiny_model_path("sd3"), **DIT)])
+    texts = [{"prompt": o.text} for o in ar_alone.generate(prompts, ar_params, use_tqdm=False)]
+    rows = []
+    for _ in range(args.rounds):
+        t_ar, _ = timed(ar_alone.generate, prompts, ar_params, False)
+        t_dit, _ = timed(dit_alone.generate, texts, dit_params, False)
+        t_all, _ = timed(pipeline.generate, prompts, [ar_params, dit_params], False)
+        rows.append((t_ar, t_dit, t_all))
+    for omni in (pipeline, ar_alone, dit_alone):
+        omni.close()
+    t_ar, t_dit, t_all = (statistics.median(column) for column in zip(*rows, strict=True))
+    slowest = max(t_ar, t_dit)
+    print(f"pipelining, {args.requests} requests (median of {args.rounds}):")
+    n = args.requests
+    print(f"  AR stage alone {n / t_ar:.2f} req/s, DiT stage alone {n / t_dit:.2f} req/s")
+    print(f"  pipeline {n / t_all:.2f} req/s = {slowest / t_all:.3f}x the slower stage (goal >= 0.9)")
+
+
+# ---- 2. hand-off overhead --------------------------------------------------------------------------
+def _echo(inbox, outbox, threshold: int) -> None:
+    while (data := inbox.get()) is not None:
+        outbox.put(dumps(loads(data), threshold=threshold))
+
+
+def hop_seconds(tensor: torch.Tensor, threshold: int, repeats: int = 20) -> float:
+    """Median time of one hop (dumps, queue, loads) between two processes, from round trips."""
+    context = multiprocessing.get_context("spawn")
+    inbox, outbox = context.Queue(), context.Queue()
+    echo = context.Process(target=_echo, args=(inbox, outbox, threshold))
+    echo.start()
+    times = []
+    for _ in range(repeats + 2):
+        start = time.perf_counter()
+        inbox.put(dumps(("outputs", 0, [("r", tensor, True)]), threshold=threshold))
+        loads(outbox.get())
+        times.append((time.perf_counter() - start) / 2)
+    inbox.put(None)
+    echo.join()
+    return statistics.median(times[2:])
+
+
+def handoff(args) -> None:
+    tensor = torch.randn(args.mib * (1 << 18))  # MIB MiB of float32
+    shm, pickled = hop_seconds(tensor, 1 << 20), hop_seconds(tensor, 1 << 62)
+    ar = create_ar_stage_config(0, tiny_model_path("qwen3"), ["text"], ["hidden_states"],
+                                stage_input="chat_template", prompt_hidden_states_layer=-2,
+                                **AR_ARGS)  # fmt: skip
+    dit = create_dit_stage_config(1, tiny_model_path("z_image"), ["hidden_states"], ["image"], **DIT)
+    omni = OmniLLM([ar, dit])
+    params = [{"max_tokens": 1}, {"seed": 0}]
+    omni.generate("warm up", params, use_tqdm=False)
+    latency = statistics.median(timed(omni.generate, f"a red sunset {i}", params, False)[0] for i in range(5))
+    omni.close()
+    print(f"hand-off of a {args.mib} MiB tensor, one hop: shared memory {shm * 1e3:.2f} ms, "
+          f"pickled through the queue {pickled * 1e3:.2f} ms ({pickled / shm:.1f}x)")  # fmt: skip
+    print(f"  hidden-state pipeline end-to-end latency {latency * 1e3:.0f} ms per request; "
+          f"hand-off (2 hops) = {200 * shm / latency:.2f}% of it (goal < 2%)")  # fmt: skip
+
+
+# ---- 3. AR stage cost ------------------------------------------------------------------------------
+def ar_stage(args, qwen3: str) -> None:
+    from vllm import LLM, SamplingParams
+
+    prompts = [{"prompt_token_ids": list(range(10 + i, 74 + i))} for i in range(64)]
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    omni = OmniLLM([create_ar_stage_config(0, qwen3, **AR_ARGS)])
+    llm = LLM(qwen3, **AR_ARGS)
+    tokens = 64 * (64 + 64)
+    ours, stock = [], []
+    for _ in range(args.rounds + 1):  # the first round warms both up
+        ours.append(tokens / timed(omni.generate, prompts, params, False)[0])
+        stock.append(tokens / timed(llm.generate, prompts, params, False)[0])
+    omni.close()
+    llm.llm_engine.engine_core.shutdown()
+    ours, stock = statistics.median(ours[1:]), statistics.median(stock[1:])
+    print(f"AR stage, 64 requests x (64 prompt + 64 generated) tokens (median of {args.rounds}):")
+    print(
+        f"  vllm.LLM {stock:.0f} tok/s, inside OmniLLM {ours:.0f} tok/s = {ours / stock:.3f}x (goal >= 0.97)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", choices=("pipelining", "handoff", "ar"))
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--mib", type=int, default=4)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        qwen3 = small_qwen3(Path(tmp)) if args.only != "handoff" else ""
+        if args.only in (None, "pipelining"):
+            pipelining(args, qwen3)
+        if args.only in (None, "handoff"):
+            handoff(args)
+        if args.only in (None, "ar"):
+            ar_stage(args, qwen3)
+
+
+if __name__ == "__main__":
+    main()
