@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_omni.config.utils import from_known_keys
+from vllm_omni.diffusion.prompt_embeds import EMBEDS_KEYS, SIDES
 
 OUTPUT_TYPES = ("pil", "np", "latent")
-PROMPT_KEYS = ("prompt", "negative_prompt", "image")
+PROMPT_KEYS = ("prompt", "negative_prompt", "image", *EMBEDS_KEYS)
 
 
 @dataclass
@@ -69,8 +70,9 @@ class DiffusionRequest:
     """A validated request as the scheduler sees it: parameters resolved, nothing left to default."""
 
     request_id: str
-    prompt: str
-    negative_prompt: str
+    prompt: str | None
+    """None when the prompt's conditioning came as tensors (``prompt_embeds``)."""
+    negative_prompt: str | None
     image: Any
     """Init image (PIL image, or float tensor CHW/NCHW in [0, 1]) for image-to-image, else None."""
     height: int
@@ -82,6 +84,11 @@ class DiffusionRequest:
     sampler: str
     output_type: str
     return_latents: bool
+    prompt_embeds: Any = None
+    """The prompt's conditioning given as tensors, in the family's ``encode`` form for one text (checked, on
+    the model's device and dtype); used instead of encoding ``prompt``."""
+    negative_prompt_embeds: Any = None
+    """The same for the negative prompt (used when guidance is on; else ``negative_prompt`` is encoded)."""
     batch_key: Any = None
     """Requests with equal keys can share a transformer forward pass (set by the model family)."""
     arrival_time: float = field(default_factory=time.monotonic)
@@ -108,9 +115,14 @@ class DiffusionOutput:
 
 
 def parse_prompt(prompt: Any) -> dict[str, Any]:
-    """Normalise a prompt (a string or a dict with ``prompt``, ``negative_prompt``, ``image``)."""
+    """Normalise a prompt: a string, or a dict with ``prompt`` and/or ``prompt_embeds``, ``negative_prompt``
+    or ``negative_prompt_embeds``, ``image`` (and SD3's ``pooled_prompt_embeds``, ``negative_pooled_...``).
+
+    As in diffusers' pipelines, a text and its tensors are exclusive (``prompt`` or ``prompt_embeds``, not
+    both); the tensors themselves are checked by the model family.
+    """
     if isinstance(prompt, str):
-        return {"prompt": prompt, "negative_prompt": None, "image": None}
+        return {key: None for key in PROMPT_KEYS} | {"prompt": prompt}
     if not isinstance(prompt, dict):
         raise ValueError(f"a DiT prompt must be a str or a dict, got {type(prompt).__name__}")
     unknown = sorted(set(prompt) - set(PROMPT_KEYS))
@@ -119,8 +131,14 @@ def parse_prompt(prompt: Any) -> dict[str, Any]:
     for key in ("prompt", "negative_prompt"):
         if prompt.get(key) is not None and not isinstance(prompt[key], str):
             raise ValueError(f"{key} must be a string, got {type(prompt[key]).__name__}")
-    if not isinstance(prompt.get("prompt"), str):
-        raise ValueError("prompt is required (a string)")
+    for side in SIDES:
+        text, embeds, pooled = f"{side}prompt", f"{side}prompt_embeds", f"{side}pooled_prompt_embeds"
+        if prompt.get(text) is not None and prompt.get(embeds) is not None:
+            raise ValueError(f"give {text} or {embeds}, not both")
+        if prompt.get(pooled) is not None and prompt.get(embeds) is None:
+            raise ValueError(f"{pooled} is only taken together with {embeds}")
+    if prompt.get("prompt") is None and prompt.get("prompt_embeds") is None:
+        raise ValueError("prompt (a string) or prompt_embeds (tensors) is required")
     return {key: prompt.get(key) for key in PROMPT_KEYS}
 
 

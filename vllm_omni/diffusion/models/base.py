@@ -20,6 +20,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_img2img 
 from diffusers.utils.torch_utils import randn_tensor
 
 from vllm_omni.diffusion.cache_manager import value_nbytes
+from vllm_omni.diffusion.prompt_embeds import EMBEDS_KEYS, SIDES, Shape, checked_embeds
 from vllm_omni.diffusion.request import DiffusionRequest
 
 
@@ -77,6 +78,11 @@ class DiTFamily:
     """Diffusers scheduler classes a request may pick."""
     blocks_attr: str
     """Attribute of the transformer holding its block list (where the step cache goes)."""
+    embeds_keys: tuple[str, ...] = ("prompt_embeds",)
+    """Prompt keys of the tensors ``encode`` makes of one text, in order (``negative_`` + key: the negative
+    prompt's); the pipeline's ``__call__`` arguments of the same names."""
+    embeds_as_list: bool = False
+    """The pipeline's ``__call__`` takes them as lists of per-prompt tensors (else as batch tensors)."""
 
     def __init__(self, pipe: Any, device: str, dtype: torch.dtype) -> None:
         self.pipe = pipe
@@ -115,6 +121,38 @@ class DiTFamily:
     def encode(self, texts: list[str]) -> list[Any]:
         """Conditioning of each text (batched through the pipeline's own ``encode_prompt``)."""
         raise NotImplementedError
+
+    def given_conditioning(self, parsed: dict[str, Any]) -> tuple[Any, Any]:
+        """Conditioning of the prompt and of the negative prompt given as tensors in ``parsed`` (a parsed
+        prompt; None where text was given instead), in ``encode``'s form, checked and cast.
+
+        Raises ``ValueError`` naming the key and what this family accepts.
+        """
+        allowed = [side + key for side in SIDES for key in self.embeds_keys]
+        for key in EMBEDS_KEYS:
+            if parsed.get(key) is not None and key not in allowed:
+                raise ValueError(f"{key} is not used by {self.name}; its tensor keys are {allowed}")
+        return self._given(parsed, ""), self._given(parsed, "negative_")
+
+    def _given(self, parsed: dict[str, Any], side: str) -> Any:
+        keys = [side + key for key in self.embeds_keys]
+        if parsed.get(keys[0]) is None:
+            return None
+        missing = [key for key in keys if parsed.get(key) is None]
+        if missing:
+            raise ValueError(f"{self.name} takes {keys} together; {missing} missing")
+        return self.conditioning_from_embeds([parsed[key] for key in keys], keys)
+
+    def conditioning_from_embeds(self, tensors: list[Any], keys: list[str]) -> Any:
+        """``encode``'s conditioning of one text from the tensors given under ``keys`` (checked and cast)."""
+        raise NotImplementedError
+
+    def embeds_of(self, conditioning: Any) -> list[torch.Tensor]:
+        """The tensors of ``conditioning``, in ``embeds_keys`` order (undoes ``conditioning_from_embeds``)."""
+        raise NotImplementedError
+
+    def _checked(self, key: str, value: Any, shape: Shape) -> torch.Tensor:
+        return checked_embeds(key, value, shape, self.name, self.device, self.dtype)
 
     def make_sampler(self, name: str) -> Any:
         """A fresh scheduler of class ``name`` with the folder's scheduler configuration."""

@@ -21,6 +21,7 @@ class SD3Family(DiTFamily):
     pipeline_classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
     samplers = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
     blocks_attr = "transformer_blocks"
+    embeds_keys = ("prompt_embeds", "pooled_prompt_embeds")
 
     @property
     def size_factor(self) -> int:
@@ -39,6 +40,19 @@ class SD3Family(DiTFamily):
             do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
         )  # fmt: skip
         return [(embeds[i], pooled[i]) for i in range(len(texts))]
+
+    def conditioning_from_embeds(self, tensors: list[Any], keys: list[str]) -> tuple[torch.Tensor, ...]:
+        """``prompt_embeds`` ``(tokenizer_max_length + max_sequence_length, joint_attention_dim)`` (77 CLIP
+        tokens padded to T5's width, then the T5 tokens) and ``pooled_prompt_embeds``
+        ``(pooled_projection_dim,)``."""
+        config = self.transformer.config
+        seq_len = self.pipe.tokenizer_max_length + self.max_sequence_length
+        embeds = self._checked(keys[0], tensors[0], (seq_len, config.joint_attention_dim))
+        pooled = self._checked(keys[1], tensors[1], (config.pooled_projection_dim,))
+        return embeds, pooled
+
+    def embeds_of(self, conditioning: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        return list(conditioning)
 
     def set_timesteps(self, sampler: Any, request: DiffusionRequest) -> torch.Tensor:
         kwargs = {}

@@ -26,6 +26,7 @@ class ZImageFamily(DiTFamily):
     pipeline_classes = ("ZImagePipeline", "ZImageImg2ImgPipeline")
     samplers = ("FlowMatchEulerDiscreteScheduler",)
     blocks_attr = "layers"
+    embeds_as_list = True
 
     @property
     def size_factor(self) -> int:
@@ -55,6 +56,15 @@ class ZImageFamily(DiTFamily):
             max_sequence_length=self.max_sequence_length,
         )
         return list(embeds)
+
+    def conditioning_from_embeds(self, tensors: list[Any], keys: list[str]) -> torch.Tensor:
+        """``(L, H)``: ``hidden_states[-2]`` of the text encoder over the chat-templated prompt's real tokens
+        (1 <= L <= max_sequence_length; H: the encoder's hidden size, the transformer's ``cap_feat_dim``)."""
+        shape = (range(1, self.max_sequence_length + 1), self.transformer.config.cap_feat_dim)
+        return self._checked(keys[0], tensors[0], shape)
+
+    def embeds_of(self, conditioning: torch.Tensor) -> list[torch.Tensor]:
+        return [conditioning]
 
     def set_timesteps(self, sampler: Any, request: DiffusionRequest) -> torch.Tensor:
         latent_h = 2 * (request.height // self.size_factor)

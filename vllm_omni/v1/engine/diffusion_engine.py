@@ -28,7 +28,8 @@ class DiffusionEngine:
     def add_request(
         self, request_id: str, prompt: Any, params: DiffusionSamplingParams | None = None
     ) -> None:
-        """Validate and queue a request; ``prompt``: a string or a dict (prompt, negative_prompt, image)."""
+        """Validate and queue a request; ``prompt``: a string or a dict (``prompt`` or ``prompt_embeds``,
+        ``negative_prompt`` or ``negative_prompt_embeds``, ``image``; see ``parse_prompt``)."""
         request = self.runner.make_request(request_id, prompt, params or DiffusionSamplingParams())
         self.scheduler.add_request(request)
 

@@ -3,7 +3,8 @@
 Requests whose call arguments match (size, steps, guidance, strength, output type) run in one call with
 lists of prompts, negative prompts and per-request generators, so each image is the one the pipeline makes
 for that request alone. Batching is per request, not per step: a request joins only when a call starts,
-and an abort takes effect between calls.
+and an abort takes effect between calls. Conditioning given as tensors (``prompt_embeds``) is checked by the
+pipeline's native family and passed as the pipeline's own ``prompt_embeds`` arguments.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any, NamedTuple
 import torch
 
 from vllm_omni.config.dit import DiTConfig
+from vllm_omni.diffusion.models import FAMILIES, DiTFamily
+from vllm_omni.diffusion.prompt_embeds import EMBEDS_KEYS, SIDES
 from vllm_omni.diffusion.request import (
     DiffusionOutput,
     DiffusionRequest,
@@ -35,12 +38,13 @@ class _CallKey(NamedTuple):
     strength: float | None
     output_type: str
     has_image: bool
+    has_embeds: bool
 
 
 def _call_key(request: DiffusionRequest) -> _CallKey:
     return _CallKey(
         request.height, request.width, request.num_inference_steps, request.guidance_scale,
-        request.strength, request.output_type, request.image is not None,
+        request.strength, request.output_type, request.image is not None, request.prompt_embeds is not None,
     )  # fmt: skip
 
 
@@ -57,6 +61,8 @@ class DiffusersPipelineExecutor:
         if config.attention_backend == "xformers":
             self.pipe.enable_xformers_memory_efficient_attention()
         self._image_pipe = None
+        self.family = _native_family(self.pipe, config)
+        """The pipeline's native family (checks and shapes prompt embeddings), None for other pipelines."""
         self.waiting: deque[DiffusionRequest] = deque()
         self._aborted: list[DiffusionOutput] = []
 
@@ -77,6 +83,7 @@ class DiffusersPipelineExecutor:
             raise ValueError("the waiting queue is full (DiTConfig.max_waiting_requests); retry later")
         if parsed["image"] is not None:
             self._pipeline_for(image=True)
+        cond, uncond = self._given_conditioning(parsed)
         config = self.config
         self.waiting.append(
             DiffusionRequest(
@@ -84,6 +91,8 @@ class DiffusersPipelineExecutor:
                 prompt=parsed["prompt"],
                 negative_prompt=parsed["negative_prompt"],
                 image=parsed["image"],
+                prompt_embeds=cond,
+                negative_prompt_embeds=uncond,
                 height=params.height or config.height,
                 width=params.width or config.width,
                 num_inference_steps=params.num_inference_steps or config.num_inference_steps,
@@ -97,6 +106,23 @@ class DiffusersPipelineExecutor:
                 return_latents=False,
             )
         )
+
+    def _given_conditioning(self, parsed: dict[str, Any]) -> tuple[Any, Any]:
+        given = [key for key in EMBEDS_KEYS if parsed.get(key) is not None]
+        if not given:
+            return None, None
+        name = type(self.pipe).__name__
+        if self.family is None:
+            raise ValueError(
+                f"{given[0]}: with use_diffusers, tensors are taken only for the pipelines of the native "
+                f"families ({sorted(FAMILIES)}), whose shapes are known; {name} is not one"
+            )
+        pipe = self._pipeline_for(image=parsed["image"] is not None)
+        accepted = inspect.signature(pipe.__call__).parameters
+        for key in (side + key for side in SIDES for key in self.family.embeds_keys):
+            if key not in accepted:
+                raise ValueError(f"{given[0]}: {type(pipe).__name__}.__call__ takes no {key} to pass it to")
+        return self.family.given_conditioning(parsed)
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         ids = {request_ids} if isinstance(request_ids, str) else set(request_ids)
@@ -123,10 +149,13 @@ class DiffusersPipelineExecutor:
     def _call(self, batch: list[DiffusionRequest]) -> list[DiffusionOutput]:
         first = batch[0]
         pipe = self._pipeline_for(image=first.image is not None)
-        kwargs = {k: v for k, v in _call_key(first)._asdict().items() if v is not None and k != "has_image"}
-        kwargs["prompt"] = [r.prompt for r in batch]
-        if any(r.negative_prompt for r in batch):
-            kwargs["negative_prompt"] = [r.negative_prompt or "" for r in batch]
+        kwargs = {k: v for k, v in _call_key(first)._asdict().items() if v is not None and k[:4] != "has_"}
+        if first.prompt_embeds is not None:
+            kwargs |= self._embeds_arguments(batch, first.guidance_scale)
+        else:
+            kwargs["prompt"] = [r.prompt for r in batch]
+            if any(r.negative_prompt for r in batch):
+                kwargs["negative_prompt"] = [r.negative_prompt or "" for r in batch]
         if first.image is not None:
             kwargs["image"] = [r.image for r in batch]
         kwargs["generator"] = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
@@ -143,6 +172,26 @@ class DiffusersPipelineExecutor:
             )
             for i, r in enumerate(batch)
         ]
+
+    def _embeds_arguments(self, batch: list[DiffusionRequest], guidance_scale: float | None) -> dict:
+        """The pipeline's ``prompt_embeds`` arguments of ``batch``; when guidance is on, the negatives too
+        (negative texts encoded by the stage's encoder, as the native engine does: ZImagePipeline refuses
+        ``prompt_embeds`` without ``negative_prompt_embeds``)."""
+        family = self.family
+        kwargs = self._as_arguments([r.prompt_embeds for r in batch], "")
+        if family.guidance_on(family.default_guidance if guidance_scale is None else guidance_scale):
+            texts = [r.negative_prompt or "" for r in batch if r.negative_prompt_embeds is None]
+            encoded = iter(family.encode(texts) if texts else [])
+            unconds = [r.negative_prompt_embeds for r in batch]
+            kwargs |= self._as_arguments([next(encoded) if u is None else u for u in unconds], "negative_")
+        return kwargs
+
+    def _as_arguments(self, conditionings: list[Any], side: str) -> dict[str, Any]:
+        columns = zip(*(self.family.embeds_of(c) for c in conditionings), strict=True)
+        return {
+            side + key: list(column) if self.family.embeds_as_list else torch.stack(column)
+            for key, column in zip(self.family.embeds_keys, columns, strict=True)
+        }
 
     def _pipeline_for(self, image: bool) -> Any:
         if not image or "image" in inspect.signature(self.pipe.__call__).parameters:
@@ -162,3 +211,10 @@ class DiffusersPipelineExecutor:
 
     def memory_stats(self) -> dict[str, int]:
         return {"running": 0, "waiting": len(self.waiting), "states": 0, "running_bytes": 0, "cache_bytes": 0}
+
+
+def _native_family(pipe: Any, config: DiTConfig) -> DiTFamily | None:
+    for family in FAMILIES.values():
+        if type(pipe).__name__ in family.pipeline_classes:
+            return family(pipe, config.torch_device(), config.torch_dtype())
+    return None

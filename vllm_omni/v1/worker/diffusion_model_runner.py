@@ -75,19 +75,21 @@ class OmniDiffusionModelRunner:
                 raise ValueError(f"{name} {value} exceeds the stage's maximum (DiTConfig.max_{name}={limit})")
         sampler = params.sampler or self.default_sampler
         self._check_sampler(sampler, "sampler")
+        guidance = float(_first(params.guidance_scale, config.guidance_scale, family.default_guidance))
+        cond, uncond = family.given_conditioning(parsed)
         request = DiffusionRequest(
             request_id=request_id,
             prompt=parsed["prompt"],
             negative_prompt=parsed["negative_prompt"] or "",
             image=image,
+            prompt_embeds=cond,
+            negative_prompt_embeds=uncond if family.guidance_on(guidance) else None,
             height=height,
             width=width,
             num_inference_steps=_first(
                 params.num_inference_steps, config.num_inference_steps, family.default_steps
             ),
-            guidance_scale=float(
-                _first(params.guidance_scale, config.guidance_scale, family.default_guidance)
-            ),
+            guidance_scale=guidance,
             seed=params.seed if params.seed is not None else secrets.randbits(63),
             strength=_first(params.strength, DEFAULT_STRENGTH),
             sampler=sampler,
@@ -106,17 +108,26 @@ class OmniDiffusionModelRunner:
     @torch.inference_mode()
     def add_requests(self, requests: list[DiffusionRequest]) -> list[DiffusionOutput]:
         """Set up denoising states; returns error outputs of requests that could not be set up."""
-        texts = {r.prompt for r in requests}
-        texts |= {r.negative_prompt for r in requests if self.family.guidance_on(r.guidance_scale)}
+        guided = [r for r in requests if self.family.guidance_on(r.guidance_scale)]
+        texts = {r.prompt for r in requests if r.prompt_embeds is None}
+        texts |= {r.negative_prompt for r in guided if r.negative_prompt_embeds is None}
         conditioning = self._conditioning(sorted(texts))
         failed = []
         for r in requests:
-            uncond = conditioning[r.negative_prompt] if self.family.guidance_on(r.guidance_scale) else None
             try:
-                self.states[r.request_id] = self.family.prepare(r, conditioning[r.prompt], uncond)
+                self.states[r.request_id] = self.family.prepare(r, *self._conditioning_of(r, conditioning))
             except Exception as exc:  # a bad init image must not stop the others
                 failed.append(_error_output(r, exc))
         return failed
+
+    def _conditioning_of(self, request: DiffusionRequest, conditioning: dict[str, Any]) -> tuple[Any, Any]:
+        """(cond, uncond) of ``request``: tensors it brought, else its texts' encodings (uncond if guided)."""
+        cond = request.prompt_embeds
+        cond = conditioning[request.prompt] if cond is None else cond
+        if not self.family.guidance_on(request.guidance_scale):
+            return cond, None
+        uncond = request.negative_prompt_embeds
+        return cond, conditioning[request.negative_prompt] if uncond is None else uncond
 
     def _conditioning(self, texts: list[str]) -> dict[str, Any]:
         keys = {text: conditioning_key(self.family.encoder_id, text, None) for text in texts}
