@@ -60,9 +60,15 @@ def test_sweep_unlinks_what_nobody_loaded():
 
 @pytest.fixture()
 def slow_dit():
-    omni = OmniLLM([create_dit_stage_config(0, tiny_model_path("sd3"), **SLOW_DIT)])
+    omni = OmniLLM([create_dit_stage_config(0, tiny_model_path("sd3"), devices="5", **SLOW_DIT)])
     yield omni
     omni.close()
+
+
+def test_device_placement_is_the_stage_process_environment(slow_dit):
+    stage = psutil.Process(slow_dit.manager.handles[0].process.pid)
+    assert stage.environ()["CUDA_VISIBLE_DEVICES"] == "5"
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") != "5"  # the parent's is untouched
 
 
 def test_a_dying_stage_fails_pending_requests_promptly_naming_it(slow_dit):

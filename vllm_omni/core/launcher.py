@@ -8,6 +8,9 @@ two methods; docs/features/omni_pipelines.md describes how that maps.
 from __future__ import annotations
 
 import multiprocessing
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import psutil
@@ -15,6 +18,7 @@ import psutil
 from vllm_omni.config.stage import OmniStageConfig
 from vllm_omni.core.stage_worker import run_stage
 
+DEVICES_ENV = "CUDA_VISIBLE_DEVICES"
 CHILD_GRACE_SECONDS = 5.0
 """How long a stopped stage's own children get to exit before they are killed."""
 
@@ -81,8 +85,26 @@ class LocalProcessLauncher:
             args=(config, inbox, outbox, prefix, threshold),
             name=f"omni-stage-{config.stage_id}-{config.engine_type}",
         )
-        process.start()
+        with _stage_environment(config):
+            process.start()
         return LocalProcess(process)
+
+
+@contextmanager
+def _stage_environment(config: OmniStageConfig) -> Iterator[None]:
+    """The parent's environment, plus the stage's device placement, while its process is spawned."""
+    if config.devices is None:
+        yield
+        return
+    before = os.environ.get(DEVICES_ENV)
+    os.environ[DEVICES_ENV] = config.devices
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[DEVICES_ENV]
+        else:
+            os.environ[DEVICES_ENV] = before
 
 
 def _descendants(pid: int) -> list[psutil.Process]:

@@ -30,8 +30,6 @@ IDLE_POLL_SECONDS = 0.5
 def run_stage(config: OmniStageConfig, inbox: Any, outbox: Any, prefix: str, threshold: int) -> None:
     """Process entry point: build the stage's engine, then serve ``inbox`` until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if config.devices is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = config.devices
 
     def send(message: tuple) -> None:
         outbox.put(dumps(message, threshold, prefix))
