@@ -55,11 +55,37 @@ def _dit_params(config: OmniStageConfig, entry: Any) -> DiffusionSamplingParams:
     )
 
 
-class ARStageEngine:
+class StageEngine:
+    """What both engine kinds share: all-or-none adds, aborts, the unfinished check."""
+
+    engine: Any
+
+    def add(self, requests: list[tuple[str, Any, Any]]) -> None:
+        added = []
+        try:
+            for request_id, prompt, params in requests:
+                self._add_one(request_id, prompt, params)
+                added.append(request_id)
+        except Exception:
+            self.abort(added)
+            raise
+
+    def _add_one(self, request_id: str, prompt: Any, params: Any) -> None:
+        raise NotImplementedError
+
+    def abort(self, request_ids: list[str]) -> None:
+        if request_ids:
+            self.engine.abort_request(request_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+
+class ARStageEngine(StageEngine):
     """A ``vllm.LLM`` (its EngineCore in its own process), fed request by request.
 
     Prompts are rendered the way ``LLM.generate`` renders them; requests keep their own ``output_kind``
-    (``DELTA`` streams tokens) and the pipeline's request ids.
+    (CUMULATIVE streams tokens) and the pipeline's request ids.
     """
 
     def __init__(self, config: OmniStageConfig) -> None:
@@ -71,26 +97,12 @@ class ARStageEngine:
         self.llm = LLM(model=config.model_path, **engine_args)
         self.engine = self.llm.llm_engine
 
-    def add(self, requests: list[tuple[str, Any, Any]]) -> None:
-        added = []
-        try:
-            inputs = self.llm._preprocess_cmpl([prompt for _, prompt, _ in requests])
-            for (request_id, _, params), engine_input in zip(requests, inputs, strict=True):
-                self.engine.add_request(request_id, engine_input, params)
-                added.append(request_id)
-        except Exception:
-            self.abort(added)
-            raise
+    def _add_one(self, request_id: str, prompt: Any, params: Any) -> None:
+        (engine_input,) = self.llm._preprocess_cmpl([prompt])
+        self.engine.add_request(request_id, engine_input, params)
 
     def step(self) -> list[StageEvent]:
         return [(out.request_id, out, out.finished) for out in self.engine.step()]
-
-    def abort(self, request_ids: list[str]) -> None:
-        if request_ids:
-            self.engine.abort_request(request_ids)
-
-    def has_unfinished_requests(self) -> bool:
-        return self.engine.has_unfinished_requests()
 
     def stats(self) -> dict[str, int]:
         return {"unfinished": self.engine.get_num_unfinished_requests()}
@@ -99,7 +111,7 @@ class ARStageEngine:
         self.engine.engine_core.shutdown()
 
 
-class DiTStageEngine:
+class DiTStageEngine(StageEngine):
     """A diffusion engine (native step-level engine or the diffusers executor), stepped in this process."""
 
     def __init__(self, config: OmniStageConfig) -> None:
@@ -107,25 +119,11 @@ class DiTStageEngine:
 
         self.engine = create_diffusion_engine(config.model_path, config.dit_config)
 
-    def add(self, requests: list[tuple[str, Any, Any]]) -> None:
-        added = []
-        try:
-            for request_id, prompt, params in requests:
-                self.engine.add_request(request_id, prompt, params)
-                added.append(request_id)
-        except Exception:
-            self.abort(added)
-            raise
+    def _add_one(self, request_id: str, prompt: Any, params: Any) -> None:
+        self.engine.add_request(request_id, prompt, params)
 
     def step(self) -> list[StageEvent]:
         return [(out.request_id, out, True) for out in self.engine.step()]
-
-    def abort(self, request_ids: list[str]) -> None:
-        if request_ids:
-            self.engine.abort_request(request_ids)
-
-    def has_unfinished_requests(self) -> bool:
-        return self.engine.has_unfinished_requests()
 
     def stats(self) -> dict[str, int]:
         stats = getattr(self.engine, "memory_stats", None)
