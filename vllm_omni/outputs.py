@@ -1,4 +1,4 @@
-"""``CompletionOutput`` with ``mm_embedding`` (swapped into ``vllm.outputs``)."""
+"""``CompletionOutput`` with vllm-omni's per-request outputs (swapped into ``vllm.outputs``)."""
 
 from dataclasses import dataclass
 
@@ -7,44 +7,58 @@ from vllm.outputs import CompletionOutput, RequestOutput
 
 from vllm_omni.multimodal.mm_embedding import MMEmbeddingItem
 
+# Fields that RequestOutput.add carries over when streamed outputs are merged.
+KEPT_FIELDS = ("mm_embedding", "mm_embedding_items", "prompt_hidden_states")
+
 
 @dataclass
 class OmniCompletionOutput(CompletionOutput):
-    """vLLM's completion output plus the prompt's multimodal encoder embeddings.
+    """vLLM's completion output plus the prompt's multimodal encoder embeddings and hidden states.
 
     Attributes:
         mm_embedding: CPU tensor ``(num_embeds, hidden)``: the output of the model's
             ``embed_multimodal`` for every returned item of the prompt, concatenated in prompt order;
             ``None`` for text-only prompts and models, or when the feature is off for the request.
         mm_embedding_items: Where each item's rows are (modality, item index, offset, length).
+        prompt_hidden_states: CPU tensor ``(num_prompt_tokens, hidden)`` in the model dtype: the
+            prompt's hidden states of the engine's ``prompt_hidden_states_layer`` (transformers'
+            ``output_hidden_states`` indexing), one row per prompt token; ``None`` unless the engine
+            has ``return_prompt_hidden_states`` on and the request asked for them.
     """
 
     mm_embedding: torch.Tensor | None = None
     mm_embedding_items: list[MMEmbeddingItem] | None = None
+    prompt_hidden_states: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         stock = super().__repr__()
-        if self.mm_embedding is None:
-            return stock[:-1] + ", mm_embedding=None)"
-        shape = tuple(self.mm_embedding.shape)
-        return stock[:-1] + f", mm_embedding=Tensor(shape={shape}, dtype={self.mm_embedding.dtype}))"
+        return (
+            f"{stock[:-1]}, mm_embedding={_describe(self.mm_embedding)}, "
+            f"prompt_hidden_states={_describe(self.prompt_hidden_states)})"
+        )
+
+
+def _describe(tensor: torch.Tensor | None) -> str:
+    return "None" if tensor is None else f"Tensor(shape={tuple(tensor.shape)}, dtype={tensor.dtype})"
 
 
 _stock_add = RequestOutput.add
 
 
-def add_keeping_mm_embedding(self: RequestOutput, next_output: RequestOutput, aggregate: bool) -> None:
-    """``RequestOutput.add`` that also carries ``mm_embedding`` when streamed outputs are merged."""
+def add_keeping_omni_fields(self: RequestOutput, next_output: RequestOutput, aggregate: bool) -> None:
+    """``RequestOutput.add`` that also carries vllm-omni's fields when streamed outputs are merged."""
     _stock_add(self, next_output, aggregate)
     by_index = {completion.index: completion for completion in self.outputs}
     for completion in next_output.outputs:
-        embedding = getattr(completion, "mm_embedding", None)
-        if embedding is not None and completion.index in by_index:
-            by_index[completion.index].mm_embedding = embedding
-            by_index[completion.index].mm_embedding_items = completion.mm_embedding_items
+        if completion.index not in by_index:
+            continue
+        for field in KEPT_FIELDS:
+            value = getattr(completion, field, None)
+            if value is not None:
+                setattr(by_index[completion.index], field, value)
 
 
 def patch_outputs(module) -> None:
-    """Swap ``CompletionOutput`` and make ``RequestOutput.add`` keep the embedding."""
+    """Swap ``CompletionOutput`` and make ``RequestOutput.add`` keep vllm-omni's fields."""
     module.CompletionOutput = OmniCompletionOutput
-    module.RequestOutput.add = add_keeping_mm_embedding
+    module.RequestOutput.add = add_keeping_omni_fields

@@ -19,6 +19,7 @@ PINNED = {
     "importlib.metadata:version": "(distribution_name)",
     "vllm.engine.arg_utils:EngineArgs.add_cli_args": "(parser)",
     "vllm.engine.arg_utils:EngineArgs.create_model_config": "(self)",
+    "vllm.engine.arg_utils:EngineArgs.create_engine_config": "(self, usage_context=None, headless=False)",
     f"{CHAT}.protocol:ChatCompletionRequest.to_sampling_params": (
         "(self, max_tokens, default_sampling_params)"
     ),
@@ -64,6 +65,7 @@ PINNED = {
         "(self, token_ids, finish_reason, stop_reason)"
     ),
     f"{GPU_RUNNER}._gather_mm_embeddings": "(self, scheduler_output, shift_computed_tokens=0)",
+    f"{GPU_RUNNER}._setup_eagle3_aux_hidden_state_outputs": "(self)",
     f"{GPU_RUNNER}._update_states": "(self, scheduler_output)",
     f"{GPU_RUNNER}.execute_model": "(self, scheduler_output, intermediate_tensors=None)",
     f"{GPU_RUNNER}.sample_tokens": "(self, grammar_output)",

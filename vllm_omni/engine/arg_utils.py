@@ -3,24 +3,34 @@
 ``LLM(..., enable_return_mm_embedding=True)``, ``EngineArgs(enable_return_mm_embedding=True)`` and
 ``vllm serve ... --enable-return-mm-embedding`` all land in
 ``vllm_config.model_config.multimodal_config.enable_return_mm_embedding``.
+``LLM(..., return_prompt_hidden_states=True, prompt_hidden_states_layer=-2)`` (CLI
+``--return-prompt-hidden-states --prompt-hidden-states-layer -2``) lands in
+``vllm_config.additional_config["omni_prompt_hidden_states"]`` (``vllm_omni.config.prompt_hidden_states``).
 """
 
 import argparse
 from dataclasses import dataclass
 
-from vllm.config import ModelConfig
+from vllm.config import ModelConfig, VllmConfig
 from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs, get_kwargs
 
+from vllm_omni.config import prompt_hidden_states as phs
 from vllm_omni.config.multimodal import OmniMultiModalConfig
 
 _MM_GROUP_TITLE = "MultiModalConfig"
+_PHS_GROUP_TITLE = "PromptHiddenStatesConfig"
 
 
 @dataclass
 class OmniEngineArgs(EngineArgs):
-    """vLLM's engine arguments plus ``enable_return_mm_embedding``."""
+    """vLLM's engine arguments plus vllm-omni's."""
 
     enable_return_mm_embedding: bool = OmniMultiModalConfig.enable_return_mm_embedding
+    """Return the prompt's multimodal encoder embeddings (see ``OmniMultiModalConfig``)."""
+    return_prompt_hidden_states: bool = phs.PromptHiddenStatesConfig.return_prompt_hidden_states
+    """Return the prompt's hidden states to requests that opt in (see ``PromptHiddenStatesConfig``)."""
+    prompt_hidden_states_layer: int = phs.PromptHiddenStatesConfig.prompt_hidden_states_layer
+    """Layer of those hidden states, transformers' ``output_hidden_states`` indexing (-1 = last)."""
 
     @staticmethod
     def add_cli_args(parser):
@@ -34,6 +44,21 @@ class OmniEngineArgs(EngineArgs):
             model_config.multimodal_config.enable_return_mm_embedding = self.enable_return_mm_embedding
         return model_config
 
+    def create_engine_config(self, usage_context=None, headless: bool = False) -> VllmConfig:
+        if self.return_prompt_hidden_states:
+            # Before VllmConfig exists: additional_config enters its compile hash.
+            self.additional_config = phs.to_additional_config(
+                self.additional_config, self.prompt_hidden_states_layer
+            )
+        elif self.prompt_hidden_states_layer != phs.PromptHiddenStatesConfig.prompt_hidden_states_layer:
+            raise ValueError(
+                f"prompt_hidden_states_layer={self.prompt_hidden_states_layer} has no effect without "
+                "return_prompt_hidden_states=True (--return-prompt-hidden-states)"
+            )
+        vllm_config = super().create_engine_config(usage_context, headless)
+        phs.check_engine_config(vllm_config)
+        return vllm_config
+
 
 @dataclass
 class OmniAsyncEngineArgs(AsyncEngineArgs, OmniEngineArgs):
@@ -41,11 +66,17 @@ class OmniAsyncEngineArgs(AsyncEngineArgs, OmniEngineArgs):
 
 
 def add_omni_cli_args(parser: argparse.ArgumentParser) -> None:
-    """Add ``--enable-return-mm-embedding`` to the parser's MultiModalConfig group."""
+    """Add ``--enable-return-mm-embedding`` to the MultiModalConfig group and the prompt hidden-state
+    flags to their own group."""
     groups = [g for g in parser._action_groups if g.title == _MM_GROUP_TITLE]
     group = groups[0] if groups else parser
     kwargs = get_kwargs(OmniMultiModalConfig)["enable_return_mm_embedding"]
     group.add_argument("--enable-return-mm-embedding", **kwargs)
+
+    phs_group = parser.add_argument_group(_PHS_GROUP_TITLE, phs.PromptHiddenStatesConfig.__doc__)
+    phs_kwargs = get_kwargs(phs.PromptHiddenStatesConfig)
+    phs_group.add_argument("--return-prompt-hidden-states", **phs_kwargs["return_prompt_hidden_states"])
+    phs_group.add_argument("--prompt-hidden-states-layer", **phs_kwargs["prompt_hidden_states_layer"])
 
 
 def swap_engine_args(module) -> None:

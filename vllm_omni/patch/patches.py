@@ -8,7 +8,8 @@ signature of every vLLM callable listed in ``wraps``. Add a change here or nowhe
 from vllm_omni.patch.registry import Patch
 
 PATCHES: tuple[Patch, ...] = (
-    # --- Multimodal-embedding return (docs/features/mm_embedding_return.md) ---
+    # --- Multimodal-embedding return (docs/features/mm_embedding_return.md); the per-request output
+    # path (arguments, output fields, checks, delivery) also carries prompt hidden states ---
     Patch(
         name="mm_config_field",
         module="vllm.config.multimodal",
@@ -20,38 +21,45 @@ PATCHES: tuple[Patch, ...] = (
         vllm_tests=("tests/test_config.py",),
     ),
     Patch(
-        name="mm_engine_args",
+        name="engine_args",
         module="vllm.engine.arg_utils",
         apply="vllm_omni.engine.arg_utils:swap_engine_args",
         target="vllm.engine.arg_utils:EngineArgs/AsyncEngineArgs -> Omni subclasses",
-        reason="LLM(..., enable_return_mm_embedding=True), EngineArgs, AsyncEngineArgs and "
-        "`vllm serve --enable-return-mm-embedding` need the argument; EngineArgs(**kwargs) rejects "
-        "unknown keywords before any plugin runs.",
+        reason="LLM(..., enable_return_mm_embedding=True, return_prompt_hidden_states=True, "
+        "prompt_hidden_states_layer=-2), EngineArgs, AsyncEngineArgs and their `vllm serve` flags need "
+        "the arguments; EngineArgs(**kwargs) rejects unknown keywords before any plugin runs. The "
+        "prompt hidden-state settings go into additional_config (part of the compile hash).",
         before_first_use=True,
         wraps=(
             "vllm.engine.arg_utils:EngineArgs.add_cli_args",
             "vllm.engine.arg_utils:EngineArgs.create_model_config",
+            "vllm.engine.arg_utils:EngineArgs.create_engine_config",
         ),
-        vllm_tests=("tests/engine/test_arg_utils.py",),
+        vllm_tests=(
+            "tests/engine/test_arg_utils.py",
+            "tests/v1/engine/test_engine_args.py",
+            "tests/config/test_config_generation.py",
+        ),
     ),
     Patch(
-        name="mm_completion_output",
+        name="completion_output_fields",
         module="vllm.outputs",
         apply="vllm_omni.outputs:patch_outputs",
         target="vllm.outputs:CompletionOutput -> OmniCompletionOutput; RequestOutput.add",
-        reason="CompletionOutput gains mm_embedding and mm_embedding_items; merged streaming "
-        "outputs must keep them.",
+        reason="CompletionOutput gains mm_embedding, mm_embedding_items and prompt_hidden_states; "
+        "merged streaming outputs must keep them.",
         before_first_use=True,
         wraps=("vllm.outputs:RequestOutput.add",),
         vllm_tests=("tests/test_outputs.py", "tests/v1/test_outputs.py"),
     ),
     Patch(
-        name="mm_engine_core_output",
+        name="engine_core_output_fields",
         module="vllm.v1.engine",
         apply="vllm_omni.v1.engine.outputs:swap_engine_core_outputs",
-        target="vllm.v1.engine:EngineCoreOutput(s) -> Omni subclasses with mm_embedding",
-        reason="The embedding travels EngineCore -> frontend with the request's output (msgspec "
-        "struct, zero-copy tensor buffer); msgspec structs cannot gain a field in place.",
+        target="vllm.v1.engine:EngineCoreOutput(s) -> Omni subclasses with mm_embedding, "
+        "prompt_hidden_states",
+        reason="The tensors travel EngineCore -> frontend with the request's output (msgspec "
+        "struct, zero-copy tensor buffers); msgspec structs cannot gain a field in place.",
         before_first_use=True,
         vllm_tests=("tests/v1/test_serial_utils.py",),
     ),
@@ -77,7 +85,8 @@ PATCHES: tuple[Patch, ...] = (
         name="mm_collect_scheduler",
         module="vllm.v1.core.sched.scheduler",
         apply="vllm_omni.v1.core.sched.mm_embedding:patch_scheduler",
-        target="vllm.v1.core.sched.scheduler:Scheduler.update_from_output, _free_request",
+        target="vllm.v1.core.sched.scheduler:Scheduler.update_from_output, _free_request "
+        "(one wrap shared by every collector: vllm_omni.v1.core.sched.output_collectors)",
         reason="Collect items per request in the EngineCore and attach them, once, to the request's "
         "first output after all arrived; forget finished and aborted requests.",
         wraps=(
@@ -87,30 +96,35 @@ PATCHES: tuple[Patch, ...] = (
         vllm_tests=("tests/v1/core/test_scheduler.py", "tests/v1/core/test_encoder_cache_manager.py"),
     ),
     Patch(
-        name="mm_sampling_params",
+        name="sampling_params_options",
         module="vllm.sampling_params",
         apply="vllm_omni.v1.engine.input_processor:patch_sampling_params",
         target="vllm.sampling_params:SamplingParams._verify_args",
-        reason="Reject bad per-request mm_embedding options when SamplingParams is built, before the "
-        "prompt is rendered (a later failure would desync the frontend/EngineCore mm caches).",
+        reason="Reject bad per-request mm_embedding / prompt_hidden_states options when SamplingParams "
+        "is built, before the prompt is rendered (a later failure would desync the frontend/EngineCore "
+        "mm caches).",
         wraps=("vllm.sampling_params:SamplingParams._verify_args",),
         vllm_tests=("tests/test_sampling_params.py",),
     ),
     Patch(
-        name="mm_input_processor",
+        name="input_processor_checks",
         module="vllm.v1.engine.input_processor",
         apply="vllm_omni.v1.engine.input_processor:patch_input_processor",
         target="vllm.v1.engine.input_processor:InputProcessor.process_inputs",
-        reason="Requests that get embeddings back skip prefix-cache reads so every item is gathered.",
+        reason="Requests that get embeddings or prompt hidden states back skip prefix-cache reads so "
+        "every item is gathered and every prompt row computed; prompt hidden states asked of an engine "
+        "without them are refused.",
         wraps=("vllm.v1.engine.input_processor:InputProcessor.process_inputs",),
+        vllm_tests=("tests/v1/engine/test_input_processor_trace_replay.py",),
     ),
     Patch(
-        name="mm_output_processor",
+        name="output_processor_delivery",
         module="vllm.v1.engine.output_processor",
         apply="vllm_omni.v1.engine.output_processor:patch_output_processor",
         target="vllm.v1.engine.output_processor:RequestState -> OmniRequestState; "
         "OutputProcessor.process_outputs",
-        reason="Deliver EngineCoreOutput.mm_embedding into CompletionOutput per output kind.",
+        reason="Deliver EngineCoreOutput.mm_embedding / prompt_hidden_states into CompletionOutput per "
+        "output kind.",
         wraps=(
             "vllm.v1.engine.output_processor:OutputProcessor.process_outputs",
             "vllm.v1.engine.output_processor:RequestState._new_completion_output",
@@ -158,6 +172,40 @@ PATCHES: tuple[Patch, ...] = (
             "vllm.entrypoints.openai.completion.serving:OpenAIServingCompletion.completion_stream_generator",
             "vllm.entrypoints.openai.completion.serving:OpenAIServingCompletion.request_output_to_completion_response",
         ),
+    ),
+    # --- Prompt hidden states (docs/features/prompt_hidden_states.md); shares the entries above ---
+    Patch(
+        name="phs_capture_model_runner",
+        module="vllm.v1.worker.gpu_model_runner",
+        apply="vllm_omni.v1.worker.prompt_hidden_states_capture:patch_model_runner",
+        target="vllm.v1.worker.gpu_model_runner:GPUModelRunner (base of CPUModelRunner)",
+        reason="Ask the model for the configured layer's auxiliary hidden states at load (EAGLE-3's "
+        "path, before any compile), copy each opted-in request's prompt rows after every forward pass "
+        "(chunked prefill, preemption) and send them once on ModelRunnerOutput; free on finish/abort.",
+        wraps=(
+            "vllm.v1.worker.gpu_model_runner:GPUModelRunner._setup_eagle3_aux_hidden_state_outputs",
+            "vllm.v1.worker.gpu_model_runner:GPUModelRunner._update_states",
+            "vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model",
+            "vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens",
+        ),
+        vllm_tests=(
+            "tests/v1/worker/test_gpu_model_runner.py",
+            "tests/v1/worker/test_eagle3_aux_hidden_states_pp.py",
+        ),
+    ),
+    Patch(
+        name="phs_collect_scheduler",
+        module="vllm.v1.core.sched.scheduler",
+        apply="vllm_omni.v1.core.sched.prompt_hidden_states:patch_scheduler",
+        target="vllm.v1.core.sched.scheduler:Scheduler.update_from_output, _free_request "
+        "(the wrap shared with mm_collect_scheduler)",
+        reason="Put a request's prompt hidden states on its next EngineCoreOutput (the first one), "
+        "once; forget finished and aborted requests.",
+        wraps=(
+            "vllm.v1.core.sched.scheduler:Scheduler.update_from_output",
+            "vllm.v1.core.sched.scheduler:Scheduler._free_request",
+        ),
+        vllm_tests=("tests/v1/core/test_scheduler.py", "tests/v1/core/test_async_scheduler.py"),
     ),
     # --- Multimodal Qwen3: named embeddings in chat messages ---
     Patch(

@@ -32,12 +32,24 @@ def engine_report(llm) -> dict[str, Any]:
 def add_engine_core_utility(module) -> None:
     """Give ``EngineCore`` an ``omni_patch_report`` utility method (clients call it by name).
 
-    Beside the layer's state it counts the requests whose mm_embedding items the scheduler holds.
+    Beside the layer's state it counts the requests whose mm_embedding items or prompt hidden states
+    the scheduler holds.
     """
 
     def omni_patch_report(self) -> dict[str, Any]:
-        collector = getattr(self.scheduler, "_omni_mm_collector", None)
-        return {**process_report(), "mm_embedding_requests": len(collector.requests) if collector else 0}
+        from vllm_omni.v1.core.sched.mm_embedding import MMEmbeddingCollector
+        from vllm_omni.v1.core.sched.output_collectors import collector
+        from vllm_omni.v1.core.sched.prompt_hidden_states import PromptHiddenStatesCollector
+
+        def held(collector_cls) -> int:
+            active = collector(self.scheduler, collector_cls)
+            return len(active.requests) if active else 0
+
+        return {
+            **process_report(),
+            "mm_embedding_requests": held(MMEmbeddingCollector),
+            "prompt_hidden_states_requests": held(PromptHiddenStatesCollector),
+        }
 
     module.EngineCore.omni_patch_report = omni_patch_report
 
@@ -45,12 +57,21 @@ def add_engine_core_utility(module) -> None:
 def add_worker_method(module) -> None:
     """Give ``WorkerBase`` an ``omni_patch_report`` method (reached through ``collective_rpc``).
 
-    Beside the layer's state it counts the requests the worker's mm_embedding capturer tracks
-    (``None`` while the feature is off: no capturer exists).
+    Beside the layer's state it counts the requests the worker's mm_embedding and prompt hidden-state
+    capturers track (``None`` while a feature is off: no capturer exists).
     """
 
     def omni_patch_report(self) -> dict[str, Any]:
-        capturer = getattr(getattr(self, "model_runner", None), "_omni_mm_capturer", None)
-        return {**process_report(), "mm_embedding_requests": capturer.num_tracked() if capturer else None}
+        runner = getattr(self, "model_runner", None)
+
+        def tracked(attr: str) -> int | None:
+            capturer = getattr(runner, attr, None)
+            return capturer.num_tracked() if capturer else None
+
+        return {
+            **process_report(),
+            "mm_embedding_requests": tracked("_omni_mm_capturer"),
+            "prompt_hidden_states_requests": tracked("_omni_phs_capturer"),
+        }
 
     module.WorkerBase.omni_patch_report = omni_patch_report

@@ -1,8 +1,10 @@
-"""``EngineCoreOutput(s)`` with a trailing ``mm_embedding`` field (swapped into ``vllm.v1.engine``).
+"""``EngineCoreOutput(s)`` with trailing per-request fields (swapped into ``vllm.v1.engine``).
 
-The tensor crosses EngineCore -> frontend through vLLM's own ``MsgpackEncoder``/``MsgpackDecoder`` as an
-out-of-band buffer (no pickle, no copy into the message). ``omit_defaults`` keeps outputs without an
-embedding byte-identical to stock vLLM's, and a decoder built for the stock class drops the field.
+``mm_embedding`` (the prompt's multimodal encoder embeddings) and ``prompt_hidden_states`` (the
+prompt's hidden states of the configured layer) are each sent once per request. Tensors cross
+EngineCore -> frontend through vLLM's own ``MsgpackEncoder``/``MsgpackDecoder`` as out-of-band buffers
+(no pickle, no copy into the message). Outputs without them cost one msgpack nil per
+field (array-like structs are written in full), and a decoder built for the stock class drops them.
 """
 
 import msgspec
@@ -30,9 +32,11 @@ class MMEmbeddingOutput(msgspec.Struct, array_like=True, gc=False):
 
 
 class OmniEngineCoreOutput(EngineCoreOutput, array_like=True, omit_defaults=True, gc=False):
-    """vLLM's per-request engine output plus the request's multimodal embeddings (sent once)."""
+    """vLLM's per-request engine output plus the request's multimodal embeddings and prompt hidden
+    states (each sent once)."""
 
     mm_embedding: MMEmbeddingOutput | None = None
+    prompt_hidden_states: torch.Tensor | None = None
 
 
 class OmniEngineCoreOutputs(EngineCoreOutputs, array_like=True, omit_defaults=True, gc=False):

@@ -10,12 +10,12 @@ after a request finishes. With the feature off the wrappers call straight throug
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
 
 from vllm_omni.multimodal.mm_embedding import MMEmbeddingParams
+from vllm_omni.v1.worker.runner_output import attach
 
 logger = logging.getLogger(__name__)
 
@@ -103,15 +103,9 @@ def _capturer(runner) -> MMEmbeddingCapturer | None:
 def _attach(runner, output):
     """Put pending captures on the step's ``ModelRunnerOutput`` (async wrappers included)."""
     capturer = _capturer(runner)
-    if capturer is None or output is None or not capturer.pending:
+    if capturer is None or not capturer.pending:
         return output
-    target = getattr(output, "_model_runner_output", output)
-    if not hasattr(target, "req_id_to_index"):  # IntermediateTensors on a non-last PP rank
-        return output
-    if target is output and not target.req_ids:
-        target = output = copy.copy(output)  # never mutate vLLM's shared EMPTY_MODEL_RUNNER_OUTPUT
-    setattr(target, OUTPUT_ATTR, capturer.take())
-    return output
+    return attach(output, OUTPUT_ATTR, capturer.take)
 
 
 def patch_model_runner(module) -> None:
