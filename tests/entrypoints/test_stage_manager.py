@@ -50,6 +50,15 @@ def test_large_tensors_travel_in_shared_memory_and_are_freed_on_load(tensor):
     assert len(dumps(tensor, threshold=tensor.numel() * tensor.element_size() + 1)) >= len(pickled) // 2
 
 
+def test_without_shared_memory_tensors_are_pickled(monkeypatch, tmp_path):
+    import vllm_omni.core.stage_io as stage_io
+
+    monkeypatch.setattr(stage_io, "SHM_DIR", tmp_path / "missing")
+    tensor = torch.randn(1 << 19)
+    data = dumps(tensor, threshold=1)
+    assert len(data) > tensor.numel() * 4 and torch.equal(loads(data), tensor)
+
+
 def test_sweep_unlinks_what_nobody_loaded():
     prefix = segment_prefix(os.getpid()) + "sweep_"
     dumps(torch.zeros(1 << 18), threshold=1, prefix=prefix)

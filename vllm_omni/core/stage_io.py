@@ -1,19 +1,21 @@
 """Messages between the stage manager and stage processes; large tensors travel in shared memory.
 
-``dumps`` pickles a message, except that every CPU tensor of at least ``threshold`` bytes is copied once
-into a fresh POSIX shared-memory segment and pickled as a small handle (name, shape, dtype). ``loads``
-copies each segment into a new tensor and unlinks it, so a segment lives from one ``dumps`` to the
-matching ``loads``. Segment names start with the manager's prefix, so ``sweep`` can unlink whatever a dead
-process left behind. Everything else (text, token ids, PIL images) is pickled as usual.
+``dumps`` pickles a message, except that every CPU tensor of at least ``threshold`` bytes is written
+once into a new POSIX shared-memory segment (a file in /dev/shm) and pickled as a small handle (name,
+shape, dtype). ``loads`` maps each segment, unlinks it and wraps the mapping as the tensor: no copy on
+the receiving side, and the memory is freed with the tensor. A segment lives from one ``dumps`` to the
+matching ``loads``; names start with the manager's prefix, so ``sweep`` can unlink whatever a dead process
+left behind. Without a usable /dev/shm (absent, or full) a tensor is pickled inline. Everything else
+(text, token ids, PIL images) is pickled as usual.
 """
 
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import pickle
 import secrets
-from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,9 @@ class _Pickler(pickle.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and _nbytes(obj) >= self.threshold:
-            return _attach, _to_segment(obj, self.prefix)
+            segment = _to_segment(obj, self.prefix)
+            if segment is not None:
+                return _attach, segment
         return NotImplemented
 
 
@@ -57,12 +61,7 @@ def sweep(prefix: str) -> int:
     """Unlink every segment whose name starts with ``prefix`` (segments no ``loads`` consumed)."""
     removed = 0
     for path in SHM_DIR.glob(f"{prefix}*"):
-        try:
-            segment = shared_memory.SharedMemory(name=path.name)
-        except FileNotFoundError:
-            continue
-        segment.close()
-        segment.unlink()
+        path.unlink(missing_ok=True)
         removed += 1
     return removed
 
@@ -71,28 +70,37 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _to_segment(tensor: torch.Tensor, prefix: str) -> tuple[str, tuple[int, ...], str]:
+def _to_segment(tensor: torch.Tensor, prefix: str) -> tuple[str, tuple[int, ...], str] | None:
+    """Write the tensor's bytes into a new segment; None when shared memory is unavailable or full."""
     name = prefix + secrets.token_hex(8)
-    size = max(_nbytes(tensor), 1)
-    segment = shared_memory.SharedMemory(name=name, create=True, size=size)
+    data = memoryview(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy())
     try:
-        view = torch.frombuffer(segment.buf, dtype=torch.uint8, count=_nbytes(tensor))
-        view.copy_(tensor.detach().contiguous().view(-1).view(torch.uint8))
-        del view
+        fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except OSError:
+        return None
+    try:
+        written = 0
+        while written < len(data):  # a tmpfs write: the kernel copies, no page faults in this process
+            written += os.write(fd, data[written:])
+    except OSError:  # e.g. a small /dev/shm is full: pickle this tensor instead
+        os.unlink(SHM_DIR / name)
+        return None
     finally:
-        segment.close()
+        os.close(fd)
     return name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")
 
 
 def _attach(name: str, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
-    segment = shared_memory.SharedMemory(name=name)
+    """The segment as a tensor, without a copy: mapped, unlinked at once, freed with the tensor."""
+    path = SHM_DIR / name
+    fd = os.open(path, os.O_RDWR)
     try:
+        os.unlink(path)
+        size = os.fstat(fd).st_size
         torch_dtype = getattr(torch, dtype)
-        count = torch.Size(shape).numel()
-        view = torch.frombuffer(segment.buf, dtype=torch_dtype, count=count) if count else None
-        tensor = view.clone().view(shape) if view is not None else torch.empty(shape, dtype=torch_dtype)
-        del view
+        if size == 0:
+            return torch.empty(shape, dtype=torch_dtype)
+        mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
     finally:
-        segment.close()
-        segment.unlink()
-    return tensor
+        os.close(fd)
+    return torch.frombuffer(mapping, dtype=torch_dtype).view(shape)  # the tensor keeps the mapping
