@@ -94,7 +94,8 @@ def _capturer(runner) -> MMEmbeddingCapturer | None:
     """The runner's capturer, created on first use; ``None`` when the feature is off."""
     capturer = runner.__dict__.get("_omni_mm_capturer")
     if capturer is None:
-        mm_config = runner.model_config.multimodal_config
+        model_config = getattr(runner, "model_config", None)  # absent on bare runners of vLLM's unit tests
+        mm_config = None if model_config is None else model_config.multimodal_config
         enabled = bool(getattr(mm_config, "enable_return_mm_embedding", False))
         capturer = runner._omni_mm_capturer = MMEmbeddingCapturer() if enabled else False
     return capturer or None

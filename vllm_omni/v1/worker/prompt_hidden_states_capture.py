@@ -101,7 +101,8 @@ def _capturer(runner) -> PromptHiddenStatesCapturer | None:
     """The runner's capturer, created on first use; ``None`` when the feature is off."""
     capturer = runner.__dict__.get("_omni_phs_capturer")
     if capturer is None:
-        layer = configured_layer(runner.vllm_config)
+        vllm_config = getattr(runner, "vllm_config", None)  # absent on bare runners of vLLM's unit tests
+        layer = None if vllm_config is None else configured_layer(vllm_config)
         if layer is None:
             capturer = False
         else:
