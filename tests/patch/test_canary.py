@@ -104,3 +104,10 @@ def test_stock_signatures_are_unchanged():
 def test_patch_names_are_unique():
     names = [patch.name for patch in PATCHES]
     assert len(names) == len(set(names))
+
+
+def test_execute_model_state_still_has_the_fields_prompt_hidden_states_reads():
+    # The capture reads the forward pass's state that execute_model keeps for sample_tokens.
+    from vllm.v1.worker.gpu_model_runner import ExecuteModelState
+
+    assert {"scheduler_output", "hidden_states", "aux_hidden_states"} <= set(ExecuteModelState._fields)
