@@ -130,3 +130,34 @@ def test_a_later_stage_rejection_ends_the_request_with_its_error(omni):
         from vllm.sampling_params import RequestOutputKind
 
         run(collect(omni, "x", [SamplingParams(output_kind=RequestOutputKind.DELTA), None]))
+
+
+def test_a_request_id_in_use_is_refused_and_the_running_request_goes_on(omni):
+    params = [SamplingParams(temperature=0.0, max_tokens=4), {"seed": 1, "num_inference_steps": 30}]
+
+    async def both():
+        first = asyncio.create_task(collect(omni, "first", params, request_id="dup"))
+        await asyncio.sleep(0.5)
+        with pytest.raises(ValueError, match="request id 'dup' is already in the pipeline"):
+            await collect(omni, "second", params, request_id="dup")
+        return await first
+
+    snapshots = run(both())
+    assert snapshots[-1].finished and snapshots[-1].error is None and snapshots[-1].prompt == "first"
+
+
+def test_shutdown_ends_open_streams_with_an_error():
+    dit_only = AsyncOmniLLM(
+        [create_dit_stage_config(0, tiny_model_path("sd3"), **{**DIT, "num_inference_steps": 2000})]
+    )
+
+    async def shut_down_while_streaming():
+        task = asyncio.create_task(collect(dit_only, "never finishes", None))
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(dit_only.shutdown)
+        return await asyncio.wait_for(task, timeout=30)
+
+    snapshots = run(shut_down_while_streaming())
+    assert snapshots[-1].finished and snapshots[-1].error == "the pipeline is shut down"
+    with pytest.raises(RuntimeError, match="the pipeline is shut down"):
+        run(collect(dit_only, "after", None))

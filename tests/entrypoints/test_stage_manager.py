@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from vllm_omni import OmniLLM, create_dit_stage_config
-from vllm_omni.core.stage_io import SHM_DIR, dumps, loads, segment_prefix, sweep
+from vllm_omni.core.stage_io import SHM_DIR, dumps, loads, new_segment_prefix, sweep
 from vllm_omni.core.stage_manager import OmniStageError
 from vllm_omni.testing.tiny_models import tiny_model_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SLOW_DIT = dict(num_inference_steps=200, height=32, width=32)
+SLOW_DIT = dict(num_inference_steps=2000, height=32, width=32)  # far longer than any wait below
 
 
 def segments(prefix: str) -> list[str]:
@@ -37,7 +37,7 @@ def segments(prefix: str) -> list[str]:
     ],
 )
 def test_large_tensors_travel_in_shared_memory_and_are_freed_on_load(tensor):
-    prefix = segment_prefix(os.getpid()) + "t_"
+    prefix = new_segment_prefix()
     message = ("outputs", 0, [("r", {"big": tensor, "small": torch.ones(4)}, True)])
     data = dumps(message, threshold=1 << 20, prefix=prefix)
     assert len(data) < 2048  # a handle, not the bytes
@@ -60,7 +60,7 @@ def test_without_shared_memory_tensors_are_pickled(monkeypatch, tmp_path):
 
 
 def test_sweep_unlinks_what_nobody_loaded():
-    prefix = segment_prefix(os.getpid()) + "sweep_"
+    prefix = new_segment_prefix()
     dumps(torch.zeros(1 << 18), threshold=1, prefix=prefix)
     dumps(torch.zeros(1 << 18), threshold=1, prefix=prefix)
     assert len(segments(prefix)) == 2
@@ -89,8 +89,6 @@ def test_a_dying_stage_fails_pending_requests_promptly_naming_it(slow_dit):
     assert time.monotonic() - start < 10
     with pytest.raises(OmniStageError, match=r"stage 0 \(dit\)"):
         slow_dit.generate("again", use_tqdm=False)
-    slow_dit.close()
-    assert segments(slow_dit.manager.prefix) == []
 
 
 def test_a_stage_that_cannot_start_is_named_and_nothing_is_left(tmp_path):
@@ -103,6 +101,19 @@ def test_a_stage_that_cannot_start_is_named_and_nothing_is_left(tmp_path):
         if p.pid not in before and "resource_tracker" not in " ".join(p.cmdline())
     ]  # fmt: skip
     assert stage_children == []
+
+
+def test_closing_one_pipeline_leaves_another_pipelines_tensors_alone():
+    stage = create_dit_stage_config(0, tiny_model_path("sd3"), num_inference_steps=2, height=32, width=32)
+    first, second = OmniLLM([stage], shm_threshold=1), OmniLLM([stage], shm_threshold=1)
+    try:
+        assert first.manager.prefix != second.manager.prefix
+        first.close()
+        out = second.generate("a cat", {"seed": 1, "return_latents": True}, use_tqdm=False)[0]
+        assert out.error is None and out.latents is not None  # the latents came through shared memory
+        assert segments(second.manager.prefix) == []  # consumed on arrival
+    finally:
+        second.close()
 
 
 def _start_script(body: str) -> subprocess.Popen:

@@ -38,9 +38,10 @@ class StageHandle(Protocol):
 
 
 class StageLauncher(Protocol):
-    """Starts stages; ``queue_context`` makes the queues the manager and the stages talk through."""
+    """Starts stages; ``mp_context`` (a multiprocessing context) makes the queues the manager and the
+    stages talk through."""
 
-    queue_context: Any
+    mp_context: Any
 
     def launch(self, config: OmniStageConfig, inbox: Any, outbox: Any, prefix: str, threshold: int) -> Any:
         """Start ``config``'s stage; returns its :class:`StageHandle`."""
@@ -61,12 +62,13 @@ class LocalProcess:
         return "is running" if code is None else f"exited with code {code}"
 
     def stop(self, timeout: float) -> None:
-        descendants = _descendants(self.process.pid)  # e.g. an AR stage's EngineCore
+        """Join, else kill; then whatever is left of the stage's process group (its EngineCore and
+        workers), even when the stage itself died before."""
         self.process.join(timeout)
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
-        _, alive = psutil.wait_procs(descendants, timeout=CHILD_GRACE_SECONDS)
+        _, alive = psutil.wait_procs(_group_members(self.process.pid), timeout=CHILD_GRACE_SECONDS)
         for child in alive:
             child.kill()
         self.process.close()
@@ -75,12 +77,12 @@ class LocalProcess:
 class LocalProcessLauncher:
     """One local process per stage (the default launcher)."""
 
-    queue_context = multiprocessing.get_context("spawn")
+    mp_context = multiprocessing.get_context("spawn")
 
     def launch(
         self, config: OmniStageConfig, inbox: Any, outbox: Any, prefix: str, threshold: int
     ) -> LocalProcess:
-        process = self.queue_context.Process(
+        process = self.mp_context.Process(
             target=run_stage,
             args=(config, inbox, outbox, prefix, threshold),
             name=f"omni-stage-{config.stage_id}-{config.engine_type}",
@@ -92,7 +94,8 @@ class LocalProcessLauncher:
 
 @contextmanager
 def _stage_environment(config: OmniStageConfig) -> Iterator[None]:
-    """The parent's environment, plus the stage's device placement, while its process is spawned."""
+    """The parent's environment plus the stage's device placement, while its process is spawned (the
+    child inherits it before any of its imports; the parent's is restored right after)."""
     if config.devices is None:
         yield
         return
@@ -107,8 +110,13 @@ def _stage_environment(config: OmniStageConfig) -> Iterator[None]:
             os.environ[DEVICES_ENV] = before
 
 
-def _descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
+def _group_members(pgid: int) -> list[psutil.Process]:
+    """Live processes of process group ``pgid`` (a stage makes its own group when it starts)."""
+    members = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                members.append(process)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            continue
+    return members

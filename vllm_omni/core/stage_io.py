@@ -27,9 +27,9 @@ SHM_THRESHOLD_BYTES = 1 << 20
 SHM_DIR = Path("/dev/shm")
 
 
-def segment_prefix(owner_pid: int) -> str:
-    """Name prefix of the segments of the pipeline whose manager runs in ``owner_pid``."""
-    return f"vllm_omni_{owner_pid}_"
+def new_segment_prefix() -> str:
+    """A fresh name prefix for one pipeline's segments (this process's pid, then a random part)."""
+    return f"vllm_omni_{os.getpid()}_{secrets.token_hex(4)}_"
 
 
 class _Pickler(pickle.Pickler):
@@ -48,12 +48,12 @@ class _Pickler(pickle.Pickler):
 def dumps(message: Any, threshold: int = SHM_THRESHOLD_BYTES, prefix: str | None = None) -> bytes:
     """Pickle ``message``, moving CPU tensors of ``threshold`` bytes or more into shared memory."""
     buffer = io.BytesIO()
-    _Pickler(buffer, threshold, prefix or segment_prefix(os.getpid())).dump(message)
+    _Pickler(buffer, threshold, prefix or new_segment_prefix()).dump(message)
     return buffer.getvalue()
 
 
 def loads(data: bytes) -> Any:
-    """The message of ``dumps``; its shared-memory segments are copied out and unlinked."""
+    """The message of ``dumps``; its shared-memory segments become tensors (mapped, unlinked)."""
     return pickle.loads(data)
 
 

@@ -2,13 +2,15 @@
 
 Messages in (``dumps`` bytes): ``("add", token, [(request_id, prompt, params), ...])``,
 ``("abort", [request_ids])``, ``("stats", token)``, ``("shutdown",)``.
-Messages out: ``("ready", stage_id, pid)`` or ``("start_failed", stage_id, traceback)``;
+Messages out: ``("ready", stage_id)`` or ``("start_failed", stage_id, traceback)``;
 ``("added", stage_id, token, None or (error type name, message))``;
 ``("outputs", stage_id, [(request_id, output, finished), ...])`` once per engine step with news;
 ``("stats", stage_id, token, dict)``; ``("error", stage_id, traceback)`` before exiting on an engine failure.
 
-The process ignores SIGINT (the manager shuts it down; Ctrl-C reaches every process of the terminal's
-group) and exits by itself when its manager is gone, so a killed manager leaves no stage behind.
+The process leads a process group of its own (what it starts, e.g. vLLM's EngineCore, joins it, so the
+launcher can stop them all; Ctrl-C at a terminal reaches only the manager, which shuts the stages down)
+and exits by itself when its manager is gone, unlinking the pipeline's shared memory: a killed manager
+leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vllm_omni.config.stage import OmniStageConfig
-from vllm_omni.core.stage_io import dumps, loads
+from vllm_omni.core.stage_io import dumps, loads, sweep
 
 IDLE_POLL_SECONDS = 0.5
 """How often an idle stage checks that its manager is alive."""
@@ -29,7 +31,9 @@ IDLE_POLL_SECONDS = 0.5
 
 def run_stage(config: OmniStageConfig, inbox: Any, outbox: Any, prefix: str, threshold: int) -> None:
     """Process entry point: build the stage's engine, then serve ``inbox`` until told to stop."""
+    os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
 
     def send(message: tuple) -> None:
         outbox.put(dumps(message, threshold, prefix))
@@ -41,32 +45,37 @@ def run_stage(config: OmniStageConfig, inbox: Any, outbox: Any, prefix: str, thr
     except BaseException:
         send(("start_failed", config.stage_id, traceback.format_exc()))
         return
-    send(("ready", config.stage_id, os.getpid()))
+    send(("ready", config.stage_id))
     try:
-        StageLoop(config.stage_id, engine, inbox, send).run()
+        orphaned = StageLoop(config.stage_id, engine, inbox, send, parent).run()
     except BaseException:
         send(("error", config.stage_id, traceback.format_exc()))
         raise
     finally:
         engine.close()
+    if orphaned:  # nobody reads the outbox or consumes its segments any more
+        outbox.cancel_join_thread()
+        sweep(prefix)
 
 
 class StageLoop:
     """Alternates between the inbox (adds, aborts, stats) and one engine step while work is queued."""
 
-    def __init__(self, stage_id: int, engine: Any, inbox: Any, send: Callable[[tuple], None]) -> None:
-        self.stage_id, self.engine, self.inbox, self.send = stage_id, engine, inbox, send
+    def __init__(
+        self, stage_id: int, engine: Any, inbox: Any, send: Callable[[tuple], None], parent: int
+    ) -> None:
+        self.stage_id, self.engine, self.inbox, self.send, self.parent = stage_id, engine, inbox, send, parent
         self.active: set[str] = set()
-        self.parent = os.getppid()
 
-    def run(self) -> None:
+    def run(self) -> bool:
+        """Serve until told to stop (returns False) or until the manager is gone (returns True)."""
         while True:
             for message in self._receive(block=not self.engine.has_unfinished_requests()):
                 if message[0] == "shutdown":
-                    return
+                    return False
                 self._handle(message)
             if os.getppid() != self.parent:
-                return  # the manager died: nobody will read our outputs
+                return True
             if self.engine.has_unfinished_requests():
                 self._step()
 

@@ -39,18 +39,24 @@ class AsyncOmniLLM:
         client disconnect) aborts the request in whichever stage serves it.
         """
         request_id = request_id or uuid4().hex
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in the pipeline")
         params = pipeline_params(self.stages, sampling_params, 1, streaming=True)[0]
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        try:  # the first stage's input function may be slow (e.g. loading a tokenizer): not on the loop
+            await asyncio.to_thread(self.manager.add_requests, [(request_id, prompt, params)], False)
+        except BaseException:
+            del self._streams[request_id]
+            raise
         finished = False
         try:
-            self.manager.add_requests([(request_id, prompt, params)], wait=False)
             while not finished:
                 output = await stream.get()
                 finished = output.finished
                 yield output
         finally:
-            self._streams.pop(request_id, None)
+            del self._streams[request_id]
             if not finished:
                 self.manager.abort([request_id])
 
@@ -69,6 +75,10 @@ class AsyncOmniLLM:
     def _deliver(self, updates: list[OmniRequestOutput]) -> None:
         for update in updates:
             target = self._streams.get(update.request_id)
-            if target is not None:
-                loop, stream = target
+            if target is None:
+                continue
+            loop, stream = target
+            try:
                 loop.call_soon_threadsafe(stream.put_nowait, update)
+            except RuntimeError:  # that caller's event loop is closed: nobody is listening
+                continue

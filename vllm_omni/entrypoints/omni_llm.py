@@ -18,7 +18,8 @@ POLL_SECONDS = 1.0
 
 
 class OmniLLM:
-    """Offline pipeline of stages, each served by its own engine in its own process.
+    """Offline pipeline of stages, each served by its own engine in its own process (use it from one
+    thread; ``AsyncOmniLLM`` serves concurrent callers).
 
     One request per prompt flows through the stages; ``generate`` returns an :class:`OmniRequestOutput`
     per prompt, in order. Stages overlap across requests: a request moves to the next stage as soon as
@@ -51,14 +52,17 @@ class OmniLLM:
         ids = [f"omni-{next(self._ids)}" for _ in prompts]
         self.manager.add_requests(list(zip(ids, prompts, params, strict=True)))
         results: dict[str, OmniRequestOutput] = {}
-        with tqdm(total=len(ids), desc="Omni requests", disable=not use_tqdm) as bar:
-            while len(results) < len(ids):
-                for update in self.manager.poll(POLL_SECONDS):
-                    if update.finished:
-                        results[update.request_id] = update
-                        bar.update(1)
-                if self.manager.dead is not None:
-                    raise self.manager.dead
+        try:
+            with tqdm(total=len(ids), desc="Omni requests", disable=not use_tqdm) as bar:
+                while len(results) < len(ids):
+                    for update in self.manager.poll(POLL_SECONDS):
+                        if update.finished and update.request_id in ids:
+                            results[update.request_id] = update
+                            bar.update(1)
+                    if self.manager.dead is not None:
+                        raise self.manager.dead
+        finally:  # interrupted (Ctrl-C in a notebook): what is left of this call stops
+            self.manager.abort([i for i in ids if i not in results])
         return [results[request_id] for request_id in ids]
 
     def stage_stats(self, stage_id: int) -> dict[str, int]:

@@ -15,9 +15,10 @@ def pipeline_params(
 
     ``sampling_params``: a list with one entry per stage (for a pipeline of several stages), or a single
     entry for every stage; an entry is the stage's params object, a dict of its fields, or a list with one
-    per prompt. Without ``streaming``, AR stages report only their final output (as ``vllm.LLM`` does);
-    with it they keep their ``output_kind`` (CUMULATIVE by default: one report per token), except DELTA,
-    which a pipeline cannot hand on (the next stage needs the whole text).
+    per prompt. Without ``streaming``, AR stages report only their final output (as ``vllm.LLM`` does),
+    and so do AR stages that return hidden states; with it the others keep their ``output_kind``
+    (CUMULATIVE by default: one report per token), except DELTA, which a pipeline cannot hand on (the
+    next stage needs the whole text).
     """
     from vllm.sampling_params import RequestOutputKind
 
@@ -26,7 +27,7 @@ def pipeline_params(
         entries = _per_prompt(_stage_entry(sampling_params, len(stages), index), num_prompts)
         objects = [stage_params(stage, entry) for entry in entries]
         for p in objects if stage.engine_type == "ar" else ():
-            if not streaming:
+            if not streaming or "hidden_states" in stage.output_modalities:  # not the tensor every token
                 p.output_kind = RequestOutputKind.FINAL_ONLY
             elif p.output_kind == RequestOutputKind.DELTA:
                 raise ValueError(
