@@ -30,6 +30,10 @@ from vllm_omni.v1.worker.prompt_hidden_states_capture import PromptHiddenStatesC
         ),
         ({"pipeline_parallel_size": 2}, "return_prompt_hidden_states does not support pipeline parallelism"),
         (
+            {"kv_transfer_config": {"kv_connector": "ExampleConnector", "kv_role": "kv_both"}},
+            "return_prompt_hidden_states does not support a KV connector (kv_transfer_config)",
+        ),
+        (
             {"runner": "pooling"},
             "return_prompt_hidden_states needs a generating model (runner 'generate'), got runner 'pooling'",
         ),

@@ -111,3 +111,17 @@ def test_execute_model_state_still_has_the_fields_prompt_hidden_states_reads():
     from vllm.v1.worker.gpu_model_runner import ExecuteModelState
 
     assert {"scheduler_output", "hidden_states", "aux_hidden_states"} <= set(ExecuteModelState._fields)
+
+
+def test_private_vllm_apis_the_ar_stage_engine_calls_are_unchanged():
+    # ARStageEngine renders prompts the way LLM.generate does, then adds them with its own request ids.
+    import inspect
+
+    from vllm.entrypoints.llm import LLM
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    def names(fn) -> list[str]:
+        return list(inspect.signature(fn).parameters)
+
+    assert names(LLM._preprocess_cmpl) == ["self", "prompts", "tokenization_kwargs", "mm_processor_kwargs"]
+    assert names(LLMEngine.add_request)[:4] == ["self", "request_id", "prompt", "params"]

@@ -82,6 +82,11 @@ def check_engine_config(vllm_config) -> None:
             "return_prompt_hidden_states does not support pipeline parallelism "
             f"(pipeline_parallel_size={vllm_config.parallel_config.pipeline_parallel_size}); use 1"
         )
+    if vllm_config.kv_transfer_config is not None:
+        raise ValueError(
+            "return_prompt_hidden_states does not support a KV connector (kv_transfer_config): prompt "
+            "tokens loaded from elsewhere are never computed here, so their hidden states do not exist"
+        )
     aux_index = aux_layer_index(layer, model_config.get_total_num_hidden_layers())
     speculative = vllm_config.speculative_config
     if aux_index is not None and speculative is not None and speculative.method in _AUX_SPEC_METHODS:

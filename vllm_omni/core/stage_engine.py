@@ -61,6 +61,7 @@ class StageEngine:
     engine: Any
 
     def add(self, requests: list[tuple[str, Any, Any]]) -> None:
+        """Queue ``(request_id, prompt, params)`` requests; one that fails raises, the others are aborted."""
         added = []
         try:
             for request_id, prompt, params in requests:
@@ -74,6 +75,7 @@ class StageEngine:
         raise NotImplementedError
 
     def abort(self, request_ids: list[str]) -> None:
+        """Drop these requests now, freeing what the engine holds for them."""
         if request_ids:
             self.engine.abort_request(request_ids)
 
@@ -126,12 +128,12 @@ class DiTStageEngine(StageEngine):
         return [(out.request_id, out, True) for out in self.engine.step()]
 
     def stats(self) -> dict[str, int]:
-        stats = getattr(self.engine, "memory_stats", None)
-        return stats() if stats else {"unfinished": int(self.engine.has_unfinished_requests())}
+        return self.engine.memory_stats()
 
     def close(self) -> None:
         """Nothing to stop: the engine lives in this process."""
 
 
 def make_stage_engine(config: OmniStageConfig) -> ARStageEngine | DiTStageEngine:
+    """The engine of ``config``'s kind (built in the stage's own process)."""
     return ARStageEngine(config) if config.engine_type == "ar" else DiTStageEngine(config)

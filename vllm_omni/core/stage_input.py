@@ -55,10 +55,12 @@ def register_stage_input(name: str) -> Callable[[StageInputFn], StageInputFn]:
 
 
 def stage_input_names() -> list[str]:
+    """Names of the registered stage-input functions."""
     return sorted(_REGISTRY)
 
 
 def get_stage_input(name: str) -> StageInputFn:
+    """The function registered under ``name`` (ValueError listing the registered names otherwise)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown stage_input {name!r}; registered: {stage_input_names()}")
     return _REGISTRY[name]
