@@ -37,7 +37,8 @@ def test_generate_returns_images_in_order(omni):
         assert out.error is None and isinstance(out.images[0], Image.Image)
         assert out.stage_outputs[0].num_steps == steps
     again = omni.generate("A beautiful landscape", {"seed": 1}, use_tqdm=False)[0]
-    assert np.array_equal(np.asarray(again.images[0]), np.asarray(outputs[0].images[0]))
+    # same seed, alone instead of in a batch of two: uint8 images at most one level apart
+    assert np.abs(np.asarray(again.images[0], dtype=int) - np.asarray(outputs[0].images[0], dtype=int)).max() <= 1
 
 
 def test_bad_prompt_fails_the_call_and_leaves_nothing_queued(omni):
@@ -108,9 +109,10 @@ def test_image_to_image_pipeline_equals_the_stages_by_hand(dit_path, dit_engine)
     finally:
         omni.close()
     dit_engine.add_request("h1", "a red sunset", Params(seed=1, **size))
-    first = run_all(dit_engine)["h1"].images[0]
-    assert np.array_equal(np.asarray(out.stage_outputs[0].images[0]), np.asarray(first))
-    dit_engine.add_request("h2", {"prompt": "a red sunset", "image": first}, Params(seed=2, strength=0.7,
+    first, handed_on = run_all(dit_engine)["h1"].images[0], out.stage_outputs[0].images[0]
+    # uint8 images: float noise of another batch layout may round one level apart
+    assert np.abs(np.asarray(handed_on, dtype=int) - np.asarray(first, dtype=int)).max() <= 1
+    dit_engine.add_request("h2", {"prompt": "a red sunset", "image": handed_on}, Params(seed=2, strength=0.7,
                            output_type="np", **size))  # fmt: skip
     second = run_all(dit_engine)["h2"]
     assert out.error is None and out.stage_outputs[1].num_steps == second.num_steps
