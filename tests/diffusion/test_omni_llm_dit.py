@@ -38,7 +38,8 @@ def test_generate_returns_images_in_order(omni):
         assert out.stage_outputs[0].num_steps == steps
     again = omni.generate("A beautiful landscape", {"seed": 1}, use_tqdm=False)[0]
     # same seed, alone instead of in a batch of two: uint8 images at most one level apart
-    assert np.abs(np.asarray(again.images[0], dtype=int) - np.asarray(outputs[0].images[0], dtype=int)).max() <= 1
+    pixels = [np.asarray(image.images[0], dtype=int) for image in (again, outputs[0])]
+    assert np.abs(pixels[0] - pixels[1]).max() <= 1
 
 
 def test_bad_prompt_fails_the_call_and_leaves_nothing_queued(omni):
