@@ -69,15 +69,19 @@ def test_sweep_unlinks_what_nobody_loaded():
 
 @pytest.fixture()
 def slow_dit():
-    omni = OmniLLM([create_dit_stage_config(0, tiny_model_path("sd3"), devices="5", **SLOW_DIT)])
+    omni = OmniLLM([create_dit_stage_config(0, tiny_model_path("sd3"), devices="5", cpus="1", **SLOW_DIT)])
     yield omni
     omni.close()
 
 
-def test_device_placement_is_the_stage_process_environment(slow_dit):
+def test_device_and_cpu_placement_are_the_stage_process_environment(slow_dit):
     stage = psutil.Process(slow_dit.manager.handles[0].process.pid)
     assert stage.environ()["CUDA_VISIBLE_DEVICES"] == "5"
+    assert (stage.environ()["OMP_NUM_THREADS"], stage.environ()["VLLM_CPU_OMP_THREADS_BIND"]) == ("1", "1")
+    assert stage.cpu_affinity() == [1]
     assert os.environ.get("CUDA_VISIBLE_DEVICES") != "5"  # the parent's is untouched
+    with pytest.raises(ValueError, match="stage 0: cpus must list CPU ids like '0-3' or '4,6', got 'a'"):
+        create_dit_stage_config(0, tiny_model_path("sd3"), cpus="a")
 
 
 def test_a_dying_stage_fails_pending_requests_promptly_naming_it(slow_dit):

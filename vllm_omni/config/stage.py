@@ -42,6 +42,9 @@ class OmniStageConfig:
     devices: str | None = None
     """Device placement: the accelerator ids the stage's process sees (``CUDA_VISIBLE_DEVICES``, e.g.
     ``"0"`` or ``"1,2"``); ``None`` keeps the parent's. CPU stages ignore it."""
+    cpus: str | None = None
+    """CPU placement: the cores the stage's processes run on, in vLLM's format (``"0-3"``, ``"4,6"``):
+    their affinity, one OpenMP thread per core, vLLM's ``VLLM_CPU_OMP_THREADS_BIND``; ``None``: all."""
 
     def __post_init__(self) -> None:
         where = f"stage {self.stage_id}"
@@ -60,6 +63,8 @@ class OmniStageConfig:
             self.source_stage = self.stage_id - 1
         if self.source_stage is not None and not 0 <= self.source_stage < self.stage_id:
             raise ValueError(f"{where}: source_stage must be an earlier stage, got {self.source_stage}")
+        if self.cpus is not None:
+            parse_cpu_list(self.cpus, f"{where}: cpus")
         if self.engine_type == "ar":
             _check_engine_args(where, self.engine_args)
         elif self.engine_args:
@@ -70,6 +75,20 @@ class OmniStageConfig:
             self.dit_config = self.dit_config or DiTConfig()
         elif self.dit_config is not None:
             raise ValueError(f"{where}: dit_config is only for engine_type 'dit'")
+
+
+def parse_cpu_list(text: str, where: str = "cpus") -> list[int]:
+    """CPU ids of a list like ``"0-3,6"`` (ValueError naming ``where`` otherwise)."""
+    ids: list[int] = []
+    try:
+        for item in str(text).split(","):
+            first, _, last = item.strip().partition("-")
+            ids += range(int(first), int(last or first) + 1)
+    except ValueError:
+        ids = []
+    if not ids or min(ids) < 0:
+        raise ValueError(f"{where} must list CPU ids like '0-3' or '4,6', got {text!r}")
+    return ids
 
 
 def load_stage_configs(path: str | Path) -> list[OmniStageConfig]:
@@ -122,13 +141,14 @@ def create_ar_stage_config(
     source_stage: int | None = None,
     stage_input: str | None = None,
     devices: str | None = None,
+    cpus: str | None = None,
     **engine_args: Any,
 ) -> OmniStageConfig:
     """An ``ar`` stage; ``engine_args`` are ``vllm.EngineArgs`` fields (e.g. ``max_model_len=512``)."""
     return OmniStageConfig(
         stage_id, "ar", model_path, input_modalities or ["text"], output_modalities or ["text"],
         engine_args=engine_args, final_output=final_output, source_stage=source_stage,
-        stage_input=stage_input, devices=devices,
+        stage_input=stage_input, devices=devices, cpus=cpus,
     )  # fmt: skip
 
 
@@ -142,11 +162,12 @@ def create_dit_stage_config(
     source_stage: int | None = None,
     stage_input: str | None = None,
     devices: str | None = None,
+    cpus: str | None = None,
     **dit_options: Any,
 ) -> OmniStageConfig:
     """A ``dit`` stage; ``dit_options`` are :class:`DiTConfig` fields (e.g. ``num_inference_steps=20``)."""
     return OmniStageConfig(
         stage_id, "dit", model_path, input_modalities or ["text"], output_modalities or ["image"],
         dit_config=DiTConfig.from_dict(dit_options), final_output=final_output, source_stage=source_stage,
-        stage_input=stage_input, devices=devices,
+        stage_input=stage_input, devices=devices, cpus=cpus,
     )  # fmt: skip

@@ -15,10 +15,9 @@ from typing import Any, Protocol
 
 import psutil
 
-from vllm_omni.config.stage import OmniStageConfig
+from vllm_omni.config.stage import OmniStageConfig, parse_cpu_list
 from vllm_omni.core.stage_worker import run_stage
 
-DEVICES_ENV = "CUDA_VISIBLE_DEVICES"
 CHILD_GRACE_SECONDS = 5.0
 """How long a stopped stage's own children get to exit before they are killed."""
 
@@ -94,20 +93,24 @@ class LocalProcessLauncher:
 
 @contextmanager
 def _stage_environment(config: OmniStageConfig) -> Iterator[None]:
-    """The parent's environment plus the stage's device placement, while its process is spawned (the
-    child inherits it before any of its imports; the parent's is restored right after)."""
-    if config.devices is None:
-        yield
-        return
-    before = os.environ.get(DEVICES_ENV)
-    os.environ[DEVICES_ENV] = config.devices
+    """The parent's environment plus the stage's placement, while its process is spawned (the child
+    inherits it before any of its imports; the parent's is restored right after)."""
+    overrides = {}
+    if config.devices is not None:
+        overrides["CUDA_VISIBLE_DEVICES"] = config.devices
+    if config.cpus is not None:
+        overrides["VLLM_CPU_OMP_THREADS_BIND"] = config.cpus
+        overrides["OMP_NUM_THREADS"] = str(len(parse_cpu_list(config.cpus)))
+    before = {name: os.environ.get(name) for name in overrides}
+    os.environ.update(overrides)
     try:
         yield
     finally:
-        if before is None:
-            del os.environ[DEVICES_ENV]
-        else:
-            os.environ[DEVICES_ENV] = before
+        for name, value in before.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def _group_members(pgid: int) -> list[psutil.Process]:

@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from vllm_omni.config.stage import OmniStageConfig
+from vllm_omni.config.stage import OmniStageConfig, parse_cpu_list
 from vllm_omni.core.stage_io import dumps, loads, sweep
 
 IDLE_POLL_SECONDS = 0.5
@@ -33,6 +33,8 @@ def run_stage(config: OmniStageConfig, inbox: Any, outbox: Any, prefix: str, thr
     """Process entry point: build the stage's engine, then serve ``inbox`` until told to stop."""
     os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if config.cpus is not None:  # inherited by what the stage starts (vLLM's EngineCore, workers)
+        os.sched_setaffinity(0, parse_cpu_list(config.cpus))
     parent = os.getppid()
 
     def send(message: tuple) -> None:
