@@ -15,7 +15,7 @@ import logging
 import torch
 
 from vllm_omni.multimodal.mm_embedding import MMEmbeddingParams
-from vllm_omni.v1.worker.runner_output import attach
+from vllm_omni.v1.worker.runner_output import RequestCapture, attach
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ CapturedItems = dict[str, list[tuple[int, str, torch.Tensor]]]
 OUTPUT_ATTR = "mm_embeddings"
 
 
-class MMEmbeddingCapturer:
+class MMEmbeddingCapturer(RequestCapture):
     """Per-request capture state inside one worker's model runner."""
 
     def __init__(self) -> None:
@@ -52,23 +52,8 @@ class MMEmbeddingCapturer:
                 if params.wants(feature.modality):
                     self._copy(runner, req_id, index, feature, params)
 
-    def take(self) -> CapturedItems | None:
-        """Everything copied since the last call (``None`` when nothing was)."""
-        if not self.pending:
-            return None
-        pending, self.pending = self.pending, {}
-        return pending
-
-    def free(self, req_ids) -> None:
-        """Forget finished or aborted requests."""
-        for req_id in req_ids:
-            self.captured.pop(req_id, None)
-            self.pending.pop(req_id, None)
-            self._params.pop(req_id, None)
-
-    def num_tracked(self) -> int:
-        """Requests with capture state (0 once every request has finished)."""
-        return len(self.captured.keys() | self.pending.keys() | self._params.keys())
+    def tracked(self) -> tuple[dict, ...]:
+        return self.captured, self.pending, self._params
 
     def _request_params(self, req_id: str, state) -> MMEmbeddingParams:
         params = self._params.get(req_id)

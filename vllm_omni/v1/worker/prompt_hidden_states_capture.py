@@ -17,14 +17,14 @@ import torch
 from vllm.model_executor.models.interfaces import supports_eagle3
 
 from vllm_omni.config.prompt_hidden_states import aux_layer_index, configured_layer, requested
-from vllm_omni.v1.worker.runner_output import attach
+from vllm_omni.v1.worker.runner_output import RequestCapture, attach
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_ATTR = "prompt_hidden_states"  # on ModelRunnerOutput: {req_id: CPU tensor (P, hidden)}
 
 
-class PromptHiddenStatesCapturer:
+class PromptHiddenStatesCapturer(RequestCapture):
     """Per-request capture state inside one worker's model runner.
 
     Args:
@@ -57,23 +57,8 @@ class PromptHiddenStatesCapturer:
                 start = int(row_starts[i])
                 self._store(req_id, request.num_prompt_tokens, first, source[start : start + num_rows])
 
-    def take(self) -> dict[str, torch.Tensor] | None:
-        """The complete requests since the last call (``None`` when there are none)."""
-        if not self.pending:
-            return None
-        pending, self.pending = self.pending, {}
-        return pending
-
-    def free(self, req_ids) -> None:
-        """Forget finished or aborted requests."""
-        for req_id in req_ids:
-            self.buffers.pop(req_id, None)
-            self.pending.pop(req_id, None)
-            self.sent.discard(req_id)
-
-    def num_tracked(self) -> int:
-        """Requests with capture state (0 once every request has finished)."""
-        return len(self.buffers.keys() | self.pending.keys() | self.sent)
+    def tracked(self) -> tuple[dict | set, ...]:
+        return self.buffers, self.pending, self.sent
 
     def _store(self, req_id: str, num_prompt_tokens: int, first: int, rows: torch.Tensor) -> None:
         buffer = self.buffers.get(req_id)

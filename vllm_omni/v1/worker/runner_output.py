@@ -10,6 +10,37 @@ from collections.abc import Callable
 from typing import Any
 
 
+class RequestCapture:
+    """Per-request state of a worker-side capture: ``pending`` (ready to send) plus the containers
+    ``tracked`` names (dicts or sets keyed by request id), all dropped together when a request ends."""
+
+    pending: dict[str, Any]
+
+    def tracked(self) -> tuple[dict | set, ...]:
+        """Every per-request container, ``pending`` included."""
+        raise NotImplementedError
+
+    def take(self) -> dict[str, Any] | None:
+        """What became ready since the last call (``None`` when nothing did)."""
+        if not self.pending:
+            return None
+        pending, self.pending = self.pending, {}
+        return pending
+
+    def free(self, req_ids) -> None:
+        """Forget finished or aborted requests."""
+        for container in self.tracked():
+            for req_id in req_ids:
+                if isinstance(container, dict):
+                    container.pop(req_id, None)
+                else:
+                    container.discard(req_id)
+
+    def num_tracked(self) -> int:
+        """Requests with capture state (0 once every request has finished)."""
+        return len(set().union(*self.tracked()))
+
+
 def attach(output, name: str, take: Callable[[], Any]):
     """Set ``name`` to ``take()`` on the step's ``ModelRunnerOutput`` and return the output to hand on.
 
