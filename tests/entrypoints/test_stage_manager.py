@@ -15,7 +15,7 @@ import psutil
 import pytest
 import torch
 
-from vllm_omni import OmniLLM, create_dit_stage_config
+from vllm_omni import OmniLLM, create_ar_stage_config, create_dit_stage_config
 from vllm_omni.core.stage_io import SHM_DIR, dumps, loads, new_segment_prefix, sweep
 from vllm_omni.core.stage_manager import OmniStageError
 from vllm_omni.testing.tiny_models import tiny_model_path
@@ -174,4 +174,19 @@ def test_ctrl_c_stops_every_stage_and_engine():
     os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     assert process.wait(timeout=90) != 0
     _, alive = psutil.wait_procs(tree, timeout=15)
+    assert alive == []
+
+
+@pytest.mark.engine
+def test_close_stops_what_a_killed_ar_stage_left_running():
+    stage = create_ar_stage_config(0, tiny_model_path("qwen3"), max_model_len=256, enforce_eager=True)
+    omni = OmniLLM([stage])
+    stage_pid = omni.manager.handles[0].process.pid
+    engine_processes = psutil.Process(stage_pid).children(recursive=True)  # EngineCore and its worker
+    assert engine_processes
+    os.kill(stage_pid, signal.SIGKILL)
+    with pytest.raises(OmniStageError, match=r"stage 0 \(ar\) exited with code -9"):
+        omni.generate("hi", use_tqdm=False)
+    omni.close()
+    _, alive = psutil.wait_procs(engine_processes, timeout=10)
     assert alive == []
