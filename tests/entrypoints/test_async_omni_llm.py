@@ -72,6 +72,14 @@ def test_concurrent_requests_match_one_at_a_time(omni):
         assert np.abs(got[-1].images - want[-1].images).max() < 1e-5
 
 
+async def until_denoising(omni, stage_id: int = 1, timeout: float = 60.0) -> None:
+    """Wait until the DiT stage is running a request (no fixed sleeps: machines differ in speed)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (await omni.stage_stats(stage_id))["running"] == 0:
+        assert asyncio.get_running_loop().time() < deadline, "no request reached the DiT stage"
+        await asyncio.sleep(0.05)
+
+
 def _assert_idle(omni):
     stats = [run(omni.stage_stats(0)), run(omni.stage_stats(1))]
     assert stats[0]["unfinished"] == 0
@@ -95,15 +103,14 @@ def test_abort_in_the_ar_stage(omni):
 
 
 def test_abort_in_the_dit_stage_and_by_cancelling(omni):
-    slow = [SamplingParams(max_tokens=2), {"seed": 1, "num_inference_steps": 500}]
+    slow = [SamplingParams(max_tokens=2), {"seed": 1, "num_inference_steps": 20_000}]  # never ends by itself
 
     async def abort_while_denoising():
         seen = []
         async for out in omni.generate("draw slowly", slow, request_id="dit-abort"):
             seen.append(out)
             if out.stage_id == 0 and out.stage_outputs[0].finished:
-                await asyncio.sleep(0.5)  # the DiT stage has started denoising
-                assert (await omni.stage_stats(1))["running"] == 1
+                await until_denoising(omni)
                 await omni.abort("dit-abort")
         return seen
 
@@ -113,7 +120,7 @@ def test_abort_in_the_dit_stage_and_by_cancelling(omni):
 
     async def cancel_consumer():
         task = asyncio.create_task(collect(omni, "draw slowly again", slow))
-        await asyncio.sleep(3)
+        await until_denoising(omni)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -133,27 +140,30 @@ def test_a_later_stage_rejection_ends_the_request_with_its_error(omni):
 
 
 def test_a_request_id_in_use_is_refused_and_the_running_request_goes_on(omni):
-    params = [SamplingParams(temperature=0.0, max_tokens=4), {"seed": 1, "num_inference_steps": 30}]
+    params = [SamplingParams(temperature=0.0, max_tokens=4), {"seed": 1, "num_inference_steps": 20_000}]
 
     async def both():
         first = asyncio.create_task(collect(omni, "first", params, request_id="dup"))
-        await asyncio.sleep(0.5)
+        await until_denoising(omni)
         with pytest.raises(ValueError, match="request id 'dup' is already in the pipeline"):
             await collect(omni, "second", params, request_id="dup")
+        assert (await omni.stage_stats(1))["running"] == 1  # the first one goes on
+        await omni.abort("dup")
         return await first
 
     snapshots = run(both())
-    assert snapshots[-1].finished and snapshots[-1].error is None and snapshots[-1].prompt == "first"
+    assert snapshots[-1].prompt == "first" and snapshots[-1].error == "aborted"
+    _assert_idle(omni)
 
 
 def test_shutdown_ends_open_streams_with_an_error():
     dit_only = AsyncOmniLLM(
-        [create_dit_stage_config(0, tiny_model_path("sd3"), **{**DIT, "num_inference_steps": 2000})]
+        [create_dit_stage_config(0, tiny_model_path("sd3"), **{**DIT, "num_inference_steps": 20_000})]
     )
 
     async def shut_down_while_streaming():
         task = asyncio.create_task(collect(dit_only, "never finishes", None))
-        await asyncio.sleep(1.0)
+        await until_denoising(dit_only, stage_id=0)
         await asyncio.to_thread(dit_only.shutdown)
         return await asyncio.wait_for(task, timeout=30)
 

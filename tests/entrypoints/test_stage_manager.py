@@ -21,7 +21,7 @@ from vllm_omni.core.stage_manager import OmniStageError
 from vllm_omni.testing.tiny_models import tiny_model_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SLOW_DIT = dict(num_inference_steps=2000, height=32, width=32)  # far longer than any wait below
+SLOW_DIT = dict(num_inference_steps=20_000, height=32, width=32)  # far longer than any wait below
 
 
 def segments(prefix: str) -> list[str]:
