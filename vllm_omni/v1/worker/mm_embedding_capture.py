@@ -15,7 +15,7 @@ import logging
 import torch
 
 from vllm_omni.multimodal.mm_embedding import MMEmbeddingParams
-from vllm_omni.v1.worker.runner_output import RequestCapture, attach
+from vllm_omni.v1.worker.runner_output import RequestCapture
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +89,7 @@ def _capturer(runner) -> MMEmbeddingCapturer | None:
 def _attach(runner, output):
     """Put pending captures on the step's ``ModelRunnerOutput`` (async wrappers included)."""
     capturer = _capturer(runner)
-    if capturer is None or not capturer.pending:
-        return output
-    return attach(output, OUTPUT_ATTR, capturer.take)
+    return output if capturer is None else capturer.attach_pending(output, OUTPUT_ATTR)
 
 
 def patch_model_runner(module) -> None:
@@ -111,8 +109,8 @@ def patch_model_runner(module) -> None:
 
     def _update_states(self, scheduler_output):
         capturer = _capturer(self)
-        if capturer is not None and scheduler_output.finished_req_ids:
-            capturer.free(scheduler_output.finished_req_ids)
+        if capturer is not None:
+            capturer.free_finished(scheduler_output)
         return stock_update(self, scheduler_output)
 
     def execute_model(self, *args, **kwargs):

@@ -17,7 +17,7 @@ import torch
 from vllm.model_executor.models.interfaces import supports_eagle3
 
 from vllm_omni.config.prompt_hidden_states import aux_layer_index, configured_layer, requested
-from vllm_omni.v1.worker.runner_output import RequestCapture, attach
+from vllm_omni.v1.worker.runner_output import RequestCapture
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +131,8 @@ def patch_model_runner(module) -> None:
 
     def _update_states(self, scheduler_output):
         capturer = _capturer(self)
-        if capturer is not None and scheduler_output.finished_req_ids:
-            capturer.free(scheduler_output.finished_req_ids)
+        if capturer is not None:
+            capturer.free_finished(scheduler_output)
         return stock_update(self, scheduler_output)
 
     def execute_model(self, *args, **kwargs):
@@ -145,9 +145,7 @@ def patch_model_runner(module) -> None:
     def sample_tokens(self, *args, **kwargs):
         output = stock_sample(self, *args, **kwargs)
         capturer = _capturer(self)
-        if capturer is None or not capturer.pending:
-            return output
-        return attach(output, OUTPUT_ATTR, capturer.take)
+        return output if capturer is None else capturer.attach_pending(output, OUTPUT_ATTR)
 
     runner_cls._setup_eagle3_aux_hidden_state_outputs = _setup_eagle3_aux_hidden_state_outputs
     runner_cls._update_states = _update_states

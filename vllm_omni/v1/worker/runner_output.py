@@ -40,6 +40,15 @@ class RequestCapture:
         """Requests with capture state (0 once every request has finished)."""
         return len(set().union(*self.tracked()))
 
+    def free_finished(self, scheduler_output) -> None:
+        """Forget the requests the scheduler reports finished (called before ``_update_states``)."""
+        if scheduler_output.finished_req_ids:
+            self.free(scheduler_output.finished_req_ids)
+
+    def attach_pending(self, output, name: str):
+        """``attach`` what is pending as ``name`` on the step's output (unchanged when nothing is)."""
+        return attach(output, name, self.take) if self.pending else output
+
 
 def attach(output, name: str, take: Callable[[], Any]):
     """Set ``name`` to ``take()`` on the step's ``ModelRunnerOutput`` and return the output to hand on.
