@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from tests.diffusion.conftest import run_all
@@ -72,29 +74,91 @@ def test_abort_waiting_request(dit_path):
 
 
 def test_bounded_queue_and_batch(dit_path):
+    """The stage holds at most max_batch_size + max_waiting_requests requests (what a pipeline manager may
+    keep in flight to it), whether or not a step admitted them into the running batch yet."""
     engine = DiffusionEngine(dit_path, DiTConfig(max_batch_size=2, max_waiting_requests=3))
-    for i in range(3):
+    assert engine.limits.max_num_requests == 5
+    for i in range(5):
         engine.add_request(f"q{i}", "x", Params(**SMALL))
-    with pytest.raises(ValueError, match="waiting queue is full"):
-        engine.add_request("q3", "x", Params(**SMALL))
+    full = r"the waiting queue is full: the stage holds 5 requests \(DiTConfig.max_batch_size 2 \+ "
+    with pytest.raises(ValueError, match=full):
+        engine.add_request("q5", "x", Params(**SMALL))
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request("q0", "x", Params(**SMALL))
     engine.step()
-    assert engine.memory_stats()["running"] == 2
-    assert len(run_all(engine)) == 3
+    assert (engine.memory_stats()["running"], engine.memory_stats()["waiting"]) == (2, 3)
+    with pytest.raises(ValueError, match=full):
+        engine.add_request("q5", "x", Params(**SMALL))
+    assert len(run_all(engine)) == 5
 
 
-def test_failing_request_does_not_stop_the_others(dit_engine, monkeypatch):
-    """A request whose set-up raises (e.g. an init image the VAE cannot take) fails alone."""
-    family = dit_engine.runner.family
+def _count_frees(runner, monkeypatch) -> Counter:
+    """Spy on the runner's one free path (the real one runs): how often each request id was freed."""
+    freed, free = Counter(), runner._free
+
+    def counted(request_ids):
+        freed.update(request_ids)
+        free(request_ids)
+
+    monkeypatch.setattr(runner, "_free", counted)
+    return freed
+
+
+def test_each_ended_request_is_freed_once(dit_path, monkeypatch):
+    """Finished, failed and aborted (running or waiting) requests reach the runner once, in a scheduler
+    output's finished_req_ids: an abort frees at once; the engine stays unfinished until all are freed."""
+    engine = DiffusionEngine(dit_path, DiTConfig(max_batch_size=3))
+    runner, freed = engine.runner, _count_frees(engine.runner, monkeypatch)
+    _fail_setup_of("broken", runner.family, monkeypatch)
+    engine.add_request("done", "x", Params(**{**SMALL, "num_inference_steps": 1}))
+    engine.add_request("broken", "x", Params(**SMALL))
+    engine.add_request("running", "y", Params(**SMALL))
+    engine.add_request("waiting", "z", Params(**SMALL))
+    outputs = {o.request_id: o.error for o in engine.step()}
+    assert outputs == {"done": None, "broken": "RuntimeError: cannot encode init image"}
+    assert set(runner.states) == {"done", "running"} and not freed  # "done" is freed by the next output
+    engine.abort_request(["running", "waiting"])
+    assert not runner.states and set(freed) == {"done", "broken", "running", "waiting"}
+    assert engine.has_unfinished_requests()  # the aborts are still to be reported
+    assert {o.request_id: o.error for o in engine.step()} == {"running": "aborted", "waiting": "aborted"}
+    engine.add_request("last", "x", Params(**{**SMALL, "num_inference_steps": 1}))
+    assert [o.request_id for o in engine.step()] == ["last"] and engine.has_unfinished_requests()
+    assert run_all(engine) == {} and not runner.states
+    assert set(freed.values()) == {1} and len(freed) == 5
+
+
+def test_a_failed_step_frees_its_group_once(dit_engine, monkeypatch):
+    """A group whose forward raises fails alone; its states are freed by the next scheduler output."""
+    freed, family = _count_frees(dit_engine.runner, monkeypatch), dit_engine.runner.family
+    dit_engine.add_request("f0", "x", Params(**SMALL))
+    dit_engine.add_request("f1", "y", Params(**SMALL))
+
+    def predict(states):
+        raise RuntimeError("forward failed")
+
+    monkeypatch.setattr(family, "predict", predict)
+    errors = {o.request_id: o.error for o in dit_engine.step()}
+    assert errors == dict.fromkeys(["f0", "f1"], "RuntimeError: forward failed")
+    assert dit_engine.memory_stats()["states"] == 2 and dit_engine.has_unfinished_requests()
+    assert dit_engine.step() == [] and not dit_engine.has_unfinished_requests()
+    assert dit_engine.memory_stats()["states"] == 0 and freed == {"f0": 1, "f1": 1}
+
+
+def _fail_setup_of(request_id: str, family, monkeypatch) -> None:
+    """Make the set-up of ``request_id`` raise, as an init image the VAE cannot take would."""
     original = family.prepare
 
     def prepare(request, cond, uncond):
-        if request.request_id == "broken":
+        if request.request_id == request_id:
             raise RuntimeError("cannot encode init image")
         return original(request, cond, uncond)
 
     monkeypatch.setattr(family, "prepare", prepare)
+
+
+def test_failing_request_does_not_stop_the_others(dit_engine, monkeypatch):
+    """A request whose set-up raises (e.g. an init image the VAE cannot take) fails alone."""
+    _fail_setup_of("broken", dit_engine.runner.family, monkeypatch)
     dit_engine.add_request("broken", "x", Params(**SMALL))
     dit_engine.add_request("fine", "y", Params(**SMALL))
     outputs = run_all(dit_engine)

@@ -8,9 +8,10 @@ own ``encode`` returns for one text; this module checks a tensor against such a 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SIDES = ("", "negative_")
 """Key prefixes of the prompt's and of the negative prompt's tensors."""
@@ -28,6 +29,8 @@ def checked_embeds(
 
     Raises ``ValueError`` naming ``key``, what was wrong and what ``family`` accepts.
     """
+    import torch  # not at the top: DiffusionSamplingParams (request.py) imports this module torch-free
+
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{key} must be a torch.Tensor, got {type(value).__name__}")
     if not torch.is_floating_point(value):

@@ -93,10 +93,16 @@ class DiffusionRequest:
     """Requests with equal keys can share a transformer forward pass (set by the model family)."""
     arrival_time: float = field(default_factory=time.monotonic)
 
+    def nbytes(self) -> int:
+        """Bytes of the data this request holds: its conditioning tensors and its init image."""
+        from vllm_omni.diffusion.cache_manager import value_nbytes  # torch: only where requests hold tensors
+
+        return value_nbytes([self.prompt_embeds, self.negative_prompt_embeds]) + _image_nbytes(self.image)
+
 
 @dataclass
 class DiffusionOutput:
-    """What a DiT stage returns for one request."""
+    """What a DiT stage returns for one request, once: when it finished, failed or was aborted."""
 
     request_id: str
     images: Any = None
@@ -109,7 +115,6 @@ class DiffusionOutput:
     """Denoising steps actually run (image-to-image runs ``strength`` of the schedule)."""
     error: str | None = None
     """Why the request failed; None when it succeeded."""
-    finished: bool = True
     metrics: dict[str, float] = field(default_factory=dict)
     """Timings in seconds: ``queue`` (arrival to first step) and ``total`` (arrival to output)."""
 
@@ -140,6 +145,13 @@ def parse_prompt(prompt: Any) -> dict[str, Any]:
     if prompt.get("prompt") is None and prompt.get("prompt_embeds") is None:
         raise ValueError("prompt (a string) or prompt_embeds (tensors) is required")
     return {key: prompt.get(key) for key in PROMPT_KEYS}
+
+
+def _image_nbytes(image: Any) -> int:
+    """A PIL image: one byte per band and pixel; a tensor or an array: its buffer; nothing else is counted."""
+    if hasattr(image, "getbands"):
+        return image.width * image.height * len(image.getbands())
+    return getattr(image, "nbytes", 0)
 
 
 def _is_number(value: Any) -> bool:

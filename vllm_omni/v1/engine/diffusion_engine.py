@@ -16,14 +16,17 @@ class DiffusionEngine:
 
     ``add_request`` validates at once (ValueError naming the field) and never disturbs running requests;
     each ``step`` runs one denoising step of the running batch and returns the requests that ended
-    (finished, failed or aborted are all reported once).
+    (finished, failed or aborted are all reported once). The scheduler owns the requests' lifecycle; the
+    runner frees a request's state when a scheduler output lists it as ended.
     """
 
     def __init__(self, model_path: str, config: DiTConfig | None = None) -> None:
         self.config = config or DiTConfig()
         self.runner = OmniDiffusionModelRunner(model_path, self.config)
-        self.scheduler = OmniDiffusionScheduler(self.config.max_batch_size, self.config.max_waiting_requests)
-        self._pending: list[DiffusionOutput] = []
+        self.limits = self.runner.limits
+        """What this stage accepts (``DiTLimits``: picklable, checkable without the model)."""
+        self.scheduler = OmniDiffusionScheduler(self.limits)
+        self._aborted: list[DiffusionOutput] = []
 
     def add_request(
         self, request_id: str, prompt: Any, params: DiffusionSamplingParams | None = None
@@ -34,34 +37,34 @@ class DiffusionEngine:
         self.scheduler.add_request(request)
 
     def abort_request(self, request_ids: str | list[str]) -> None:
-        """Stop these requests at once; their latents and conditioning are released before the next step."""
+        """Stop these requests at once: the runner frees their latents now (a scheduler output that only
+        frees), and the next ``step`` reports each with error ``"aborted"``."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
-        for request_id in self.scheduler.abort_requests(ids):
-            self._pending.append(DiffusionOutput(request_id=request_id, error="aborted"))
-        self.runner.free(ids)
+        for request_id in self.scheduler.finish_requests(ids):
+            self._aborted.append(DiffusionOutput(request_id=request_id, error="aborted"))
+        self.runner.execute_model(self.scheduler.schedule_frees())
 
     def step(self) -> list[DiffusionOutput]:
         """One denoising step of every running request; returns the requests that ended."""
-        plan = self.scheduler.schedule()
-        self.runner.free(plan.freed_request_ids)
-        outputs, self._pending = self._pending, []
-        outputs += self.runner.add_requests(plan.new_requests)
-        finished, failed = self.runner.execute(plan.groups)
-        outputs += failed + self.runner.take_outputs(finished)
+        outputs = self.runner.execute_model(self.scheduler.schedule())
         self.scheduler.finish_requests([o.request_id for o in outputs])
+        outputs, self._aborted = self._aborted + outputs, []
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or bool(self._pending)
+        """Requests to run, outputs to report, or states to free (the next ``step`` frees them)."""
+        return self.scheduler.has_requests() or bool(self._aborted)
 
     def memory_stats(self) -> dict[str, int]:
-        """Requests and bytes held: running/waiting counts, running-state bytes, conditioning-cache bytes."""
+        """Requests and bytes held: running/waiting counts, denoising states and their bytes, the bytes the
+        waiting requests hold (tensors, init images), conditioning-cache bytes."""
         running, waiting = self.scheduler.num_requests()
         return {
             "running": running,
             "waiting": waiting,
             "states": len(self.runner.states),
             "running_bytes": self.runner.running_bytes(),
+            "waiting_bytes": sum(request.nbytes() for request in self.scheduler.waiting),
             "cache_bytes": self.runner.conditioning_cache.stats.bytes,
         }
 

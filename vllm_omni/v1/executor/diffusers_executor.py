@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import torch
 
 from vllm_omni.config.dit import DiTConfig
+from vllm_omni.diffusion.limits import DiTLimits
 from vllm_omni.diffusion.models import FAMILIES, DiTFamily
 from vllm_omni.diffusion.prompt_embeds import EMBEDS_KEYS, SIDES
 from vllm_omni.diffusion.request import (
@@ -49,7 +50,8 @@ def _call_key(request: DiffusionRequest) -> _CallKey:
 
 
 class DiffusersPipelineExecutor:
-    """Same interface as ``DiffusionEngine``: ``add_request``, ``abort_request``, ``step``."""
+    """Same interface as ``DiffusionEngine``: ``add_request``, ``abort_request``, ``step``, ``limits``,
+    ``memory_stats``."""
 
     def __init__(self, model_path: str, config: DiTConfig) -> None:
         from diffusers import DiffusionPipeline
@@ -63,24 +65,18 @@ class DiffusersPipelineExecutor:
         self._image_pipe = None
         self.family = _native_family(self.pipe, config)
         """The pipeline's native family (checks and shapes prompt embeddings), None for other pipelines."""
+        self.limits = _limits(self.pipe, self.family, config)
+        """What this stage accepts (``DiTLimits``: picklable, checkable without the model)."""
         self.waiting: deque[DiffusionRequest] = deque()
         self._aborted: list[DiffusionOutput] = []
 
     def add_request(
         self, request_id: str, prompt: Any, params: DiffusionSamplingParams | None = None
     ) -> None:
-        """Validate against the pipeline's call signature and queue."""
+        """Validate (``limits``, then the pipeline's call signature) and queue."""
         params, parsed = params or DiffusionSamplingParams(), parse_prompt(prompt)
-        if params.sampler is not None:
-            raise ValueError(
-                "sampler: the diffusers executor runs the folder's own scheduler; leave it unset"
-            )
-        if params.return_latents:
-            raise ValueError("return_latents is not available with use_diffusers; use output_type='latent'")
-        if parsed["image"] is None and params.strength is not None:
-            raise ValueError("strength is for image-to-image: pass the init image as prompt['image']")
-        if len(self.waiting) >= self.config.max_waiting_requests:
-            raise ValueError("the waiting queue is full (DiTConfig.max_waiting_requests); retry later")
+        self.limits.check_request(params, has_image=parsed["image"] is not None)
+        self.limits.check_room(len(self.waiting))
         if parsed["image"] is not None:
             self._pipeline_for(image=True)
         cond, uncond = self._given_conditioning(parsed)
@@ -207,10 +203,20 @@ class DiffusersPipelineExecutor:
         return self._image_pipe
 
     def has_unfinished_requests(self) -> bool:
+        """Requests to run or outputs to report."""
         return bool(self.waiting or self._aborted)
 
     def memory_stats(self) -> dict[str, int]:
-        return {"running": 0, "waiting": len(self.waiting), "states": 0, "running_bytes": 0, "cache_bytes": 0}
+        """What the executor holds between pipeline calls: the waiting requests and the bytes of their data
+        (tensors, init images). No request runs between calls and there is no state or cache to report."""
+        return {"waiting": len(self.waiting), "waiting_bytes": sum(r.nbytes() for r in self.waiting)}
+
+
+def _limits(pipe: Any, family: DiTFamily | None, config: DiTConfig) -> DiTLimits:
+    """A native family's pipeline refuses sizes that are not multiples of the family's factor (its
+    ``check_inputs``); other pipelines differ (many resize instead), so their own checks apply, per call."""
+    name, size_factor = (family.name, family.size_factor) if family else (type(pipe).__name__, 1)
+    return DiTLimits.from_config(config, name, size_factor, samplers=(), return_latents=False)
 
 
 def _native_family(pipe: Any, config: DiTConfig) -> DiTFamily | None:

@@ -2,20 +2,23 @@
 
 The runner loads the diffusers folder with diffusers' classes, turns validated requests into denoising
 states (text encoding through the conditioning cache, per-request noise and sampler), runs one denoising
-step per scheduler group in one transformer forward pass, and decodes finished latents in batches.
+step per scheduler group in one transformer forward pass, and decodes finished latents in batches. It
+learns which requests ended only from the scheduler output (``finished_req_ids``) and frees their states
+there, in one place.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from vllm_omni.config.dit import DiTConfig
 from vllm_omni.diffusion.cache_manager import DiTCacheManager, conditioning_key
+from vllm_omni.diffusion.limits import DiTLimits
 from vllm_omni.diffusion.models import DenoiseState, resolve_family
 from vllm_omni.diffusion.models.base import denoise_rows
 from vllm_omni.diffusion.request import (
@@ -25,6 +28,9 @@ from vllm_omni.diffusion.request import (
     parse_prompt,
 )
 from vllm_omni.diffusion.step_cache import FirstBlockCache
+
+if TYPE_CHECKING:
+    from vllm_omni.v1.core.sched.diffusion_scheduler import DiffusionSchedulerOutput
 
 DEFAULT_STRENGTH = 0.6  # diffusers' image-to-image default
 
@@ -42,9 +48,13 @@ class OmniDiffusionModelRunner:
         pipe.set_progress_bar_config(disable=True)
         if config.attention_backend == "xformers":
             pipe.enable_xformers_memory_efficient_attention()
-        self.family = family_cls(pipe, device, dtype)
+        self.family = family = family_cls(pipe, device, dtype)
+        self.limits = DiTLimits.from_config(
+            config, family.name, family.size_factor, family.samplers, return_latents=True
+        )
+        """What this stage accepts (the checks of ``make_request`` that need no model)."""
         self.default_sampler = config.scheduler or type(pipe.scheduler).__name__
-        self._check_sampler(self.default_sampler, "DiTConfig.scheduler")
+        self.limits.check_sampler(self.default_sampler, "DiTConfig.scheduler")
         cache = config.cache
         self.conditioning_cache = DiTCacheManager(
             cache.conditioning_cache_bytes, cache.conditioning_cache_policy
@@ -62,19 +72,11 @@ class OmniDiffusionModelRunner:
         """Validate ``prompt`` and ``params`` against the model and resolve every default."""
         parsed = parse_prompt(prompt)
         image, family, config = parsed["image"], self.family, self.config
-        if image is None and params.strength is not None:
-            raise ValueError("strength is for image-to-image: pass the init image as prompt['image']")
         image_h, image_w = _image_size(image) if image is not None else (None, None)
         height = params.height or config.height or image_h or family.default_size
         width = params.width or config.width or image_w or family.default_size
-        for name, value, limit in (("height", height, config.max_height), ("width", width, config.max_width)):
-            if value % family.size_factor:
-                factor = family.size_factor
-                raise ValueError(f"{name} must be a multiple of {factor} for {family.name}, got {value}")
-            if value > limit:
-                raise ValueError(f"{name} {value} exceeds the stage's maximum (DiTConfig.max_{name}={limit})")
+        self.limits.check_request(params, image is not None, height, width)
         sampler = params.sampler or self.default_sampler
-        self._check_sampler(sampler, "sampler")
         guidance = float(_first(params.guidance_scale, config.guidance_scale, family.default_guidance))
         cond, uncond = family.given_conditioning(parsed)
         request = DiffusionRequest(
@@ -99,12 +101,15 @@ class OmniDiffusionModelRunner:
         request.batch_key = family.batch_key(request)
         return request
 
-    def _check_sampler(self, name: str, field: str) -> None:
-        if name not in self.family.samplers:
-            allowed = list(self.family.samplers)
-            raise ValueError(f"{field} {name!r} is not supported by {self.family.name}; allowed: {allowed}")
-
     # ---- lifecycle ---------------------------------------------------------------------------------
+    def execute_model(self, scheduler_output: DiffusionSchedulerOutput) -> list[DiffusionOutput]:
+        """Free the requests that ended, set up the new ones, run one denoising step per group and decode
+        the requests that finished; returns the outputs of the requests that finished or failed."""
+        self._free(scheduler_output.finished_req_ids)
+        failed = self.add_requests(scheduler_output.new_requests)
+        finished, failed_in_step = self._execute(scheduler_output.groups)
+        return failed + failed_in_step + self._take_outputs(finished)
+
     @torch.inference_mode()
     def add_requests(self, requests: list[DiffusionRequest]) -> list[DiffusionOutput]:
         """Set up denoising states; returns error outputs of requests that could not be set up."""
@@ -140,16 +145,17 @@ class OmniDiffusionModelRunner:
         return found
 
     @torch.inference_mode()
-    def execute(self, groups: list[list[str]]) -> tuple[list[str], list[DiffusionOutput]]:
+    def _execute(self, groups: list[list[str]]) -> tuple[list[str], list[DiffusionOutput]]:
         """One denoising step for each group; returns (finished ids, error outputs of failed requests)."""
         finished, failed = [], []
         for ids in groups:
-            states = [self.states[i] for i in ids if i in self.states]
+            states = [self.states[i] for i in ids if i in self.states]  # not those whose set-up failed
+            if not states:
+                continue
             try:
                 self._denoise_step(states)
             except Exception as exc:  # fail this group, keep serving the others
                 failed += [_error_output(s.request, exc) for s in states]
-                self.free([s.request.request_id for s in states])
                 continue
             finished += [s.request.request_id for s in states if s.finished]
         return finished, failed
@@ -161,8 +167,8 @@ class OmniDiffusionModelRunner:
             self.family.step(state, output)
 
     @torch.inference_mode()
-    def take_outputs(self, request_ids: list[str]) -> list[DiffusionOutput]:
-        """Decode finished requests (one VAE pass per image shape) and release their states."""
+    def _take_outputs(self, request_ids: list[str]) -> list[DiffusionOutput]:
+        """Outputs of finished requests (one VAE pass per image shape); their states stay until freed."""
         states = [self.states[i] for i in request_ids]
         images: dict[str, Any] = {}
         to_decode = [s for s in states if s.request.output_type != "latent"]
@@ -171,9 +177,7 @@ class OmniDiffusionModelRunner:
             decoded = self.family.decode(torch.cat([s.latents for s in group]), output_type="pt")
             for i, s in enumerate(group):
                 images[s.request.request_id] = self._postprocess(decoded[i : i + 1], s.request.output_type)
-        outputs = [self._output(s, images.get(s.request.request_id)) for s in states]
-        self.free(request_ids)
-        return outputs
+        return [self._output(s, images.get(s.request.request_id)) for s in states]
 
     def _postprocess(self, image: torch.Tensor, output_type: str) -> Any:
         processor = self.family.pipe.image_processor
@@ -195,8 +199,8 @@ class OmniDiffusionModelRunner:
             },
         )
 
-    def free(self, request_ids: list[str]) -> None:
-        """Release the states of these requests (finished, failed or aborted)."""
+    def _free(self, request_ids: set[str]) -> None:
+        """Release the states of requests that ended: the one place states are freed."""
         for request_id in request_ids:
             self.states.pop(request_id, None)
 

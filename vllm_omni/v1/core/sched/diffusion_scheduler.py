@@ -4,6 +4,10 @@ The unit of work is one denoising step of every running request. Between steps, 
 the running batch and waiting requests join it (FCFS), so a request never waits for a whole batch of
 images to finish. Requests whose batch keys match share a transformer forward pass; the scheduler hands
 the runner one group per key.
+
+The scheduler owns the requests' lifecycle, as vLLM's does: every request that finished, failed or was
+aborted is recorded here and handed to the runner once, in a scheduler output's ``finished_req_ids``, which
+is where the runner frees its state.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from vllm_omni.diffusion.limits import DiTLimits
 from vllm_omni.diffusion.request import DiffusionRequest
 
 
@@ -23,67 +28,65 @@ class DiffusionSchedulerOutput:
     """Requests joining the running batch: encode, draw noise, set up their sampler."""
     groups: list[list[str]] = field(default_factory=list)
     """Request ids of the running batch, one list per forward pass (same batch key)."""
-    freed_request_ids: list[str] = field(default_factory=list)
-    """Aborted requests whose runner state must be released."""
-
-    @property
-    def is_empty(self) -> bool:
-        return not (self.new_requests or self.groups or self.freed_request_ids)
+    finished_req_ids: set[str] = field(default_factory=set)
+    """Requests that ended (finished, failed or aborted) since the last output: the runner frees them."""
 
 
 class OmniDiffusionScheduler:
-    """Bounded running batch and waiting queue of diffusion requests."""
+    """Running batch and waiting queue of diffusion requests, bounded by the stage's ``DiTLimits``."""
 
-    def __init__(self, max_batch_size: int, max_waiting_requests: int) -> None:
-        self.max_batch_size = max_batch_size
-        self.max_waiting_requests = max_waiting_requests
+    def __init__(self, limits: DiTLimits) -> None:
+        self.limits = limits
         self.waiting: deque[DiffusionRequest] = deque()
         self.running: dict[str, DiffusionRequest] = {}
-        self._freed: list[str] = []
+        self.finished_req_ids: set[str] = set()
+        """Ended since the last scheduler output (their runner state is still to be freed)."""
 
     def add_request(self, request: DiffusionRequest) -> None:
-        """Queue ``request``; refuses it (ValueError) when the waiting queue is full or the id is taken."""
+        """Queue ``request``; refuses it (ValueError) when the stage is full or the id is taken."""
         request_id = request.request_id
         if request_id in self.running or any(r.request_id == request_id for r in self.waiting):
             raise ValueError(f"request_id {request.request_id!r} is already in use")
-        if len(self.waiting) >= self.max_waiting_requests:
-            raise ValueError(
-                f"the waiting queue is full ({self.max_waiting_requests} requests, "
-                "DiTConfig.max_waiting_requests); retry later"
-            )
+        self.limits.check_room(len(self.running) + len(self.waiting))
         self.waiting.append(request)
 
-    def abort_requests(self, request_ids: list[str]) -> list[str]:
-        """Drop these requests wherever they are; returns the ids that were known."""
+    def finish_requests(self, request_ids: list[str]) -> list[str]:
+        """End these requests wherever they are (finished, failed or aborted); returns the ids that were
+        waiting or running. They reach the runner in the next output's ``finished_req_ids``."""
         ids = set(request_ids)
-        aborted = [r.request_id for r in self.waiting if r.request_id in ids]
+        ended = [r.request_id for r in self.waiting if r.request_id in ids]
         self.waiting = deque(r for r in self.waiting if r.request_id not in ids)
-        for request_id in ids & self.running.keys():
-            del self.running[request_id]
-            self._freed.append(request_id)
-            aborted.append(request_id)
-        return aborted
+        ended += [request_id for request_id in request_ids if self.running.pop(request_id, None) is not None]
+        self.finished_req_ids.update(ended)
+        return ended
 
     def schedule(self) -> DiffusionSchedulerOutput:
         """Admit waiting requests up to the batch bound and group the running batch by batch key."""
         new = []
-        while self.waiting and len(self.running) < self.max_batch_size:
+        while self.waiting and len(self.running) < self.limits.max_batch_size:
             request = self.waiting.popleft()
             self.running[request.request_id] = request
             new.append(request)
         groups: dict[Any, list[str]] = {}
         for request in self.running.values():
             groups.setdefault(request.batch_key, []).append(request.request_id)
-        freed, self._freed = self._freed, []
-        return DiffusionSchedulerOutput(new, list(groups.values()), freed)
+        return DiffusionSchedulerOutput(new, list(groups.values()), self._take_finished())
 
-    def finish_requests(self, request_ids: list[str]) -> None:
-        """Remove finished (or failed) requests from the running batch."""
-        for request_id in request_ids:
-            self.running.pop(request_id, None)
+    def schedule_frees(self) -> DiffusionSchedulerOutput:
+        """An output that only frees the requests ended since the last one (e.g. right after an abort)."""
+        return DiffusionSchedulerOutput(finished_req_ids=self._take_finished())
+
+    def _take_finished(self) -> set[str]:
+        finished, self.finished_req_ids = self.finished_req_ids, set()
+        return finished
 
     def has_unfinished_requests(self) -> bool:
+        """Requests are waiting or running."""
         return bool(self.waiting or self.running)
+
+    def has_requests(self) -> bool:
+        """Unfinished requests, or ended ones whose runner state is not freed yet (one more step frees it)."""
+        return self.has_unfinished_requests() or bool(self.finished_req_ids)
 
     def num_requests(self) -> tuple[int, int]:
         """(running, waiting)."""

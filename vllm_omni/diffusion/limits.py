@@ -1,0 +1,111 @@
+"""What a DiT stage accepts, as plain data: the one request validator of both DiT engines.
+
+The native engine and the diffusers executor each publish a ``DiTLimits`` (``engine.limits``) and run every
+request through it when it is added. The object needs neither torch, diffusers nor the model, so a pipeline
+manager in another process can check the sampling parameters of every stage before the first stage computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vllm_omni.config.dit import DiTConfig
+    from vllm_omni.diffusion.request import DiffusionSamplingParams
+
+
+@dataclass(frozen=True)
+class DiTLimits:
+    """The sizes, samplers, outputs and queue bound of one DiT stage (picklable, torch-free)."""
+
+    name: str
+    """Model family (``sd3``) or pipeline class that serves the stage, for messages."""
+    size_factor: int
+    """Image height and width must be multiples of this (1: any size, the pipeline checks its own)."""
+    max_height: int
+    """Largest height a request may run at (``DiTConfig.max_height``)."""
+    max_width: int
+    """Largest width a request may run at (``DiTConfig.max_width``)."""
+    height: int | None
+    """The stage's default height (``DiTConfig.height``); None: the prompt's image or the model decides."""
+    width: int | None
+    """The stage's default width (``DiTConfig.width``); None: the prompt's image or the model decides."""
+    samplers: tuple[str, ...]
+    """Sampler names a request may pick; empty: the stage runs the folder's own scheduler, leave it unset."""
+    return_latents: bool
+    """Whether ``return_latents`` is served (``output_type="latent"`` always is)."""
+    max_batch_size: int
+    """Most requests run together (``DiTConfig.max_batch_size``)."""
+    max_waiting_requests: int
+    """Most requests queued behind a full batch (``DiTConfig.max_waiting_requests``)."""
+
+    @classmethod
+    def from_config(
+        cls, config: DiTConfig, name: str, size_factor: int, samplers: tuple[str, ...], return_latents: bool
+    ) -> DiTLimits:
+        """The limits of a stage configured by ``config`` whose model sets the other fields."""
+        return cls(
+            name=name, size_factor=size_factor, max_height=config.max_height, max_width=config.max_width,
+            height=config.height, width=config.width, samplers=tuple(samplers), return_latents=return_latents,
+            max_batch_size=config.max_batch_size, max_waiting_requests=config.max_waiting_requests,
+        )  # fmt: skip
+
+    @property
+    def max_num_requests(self) -> int:
+        """Requests the stage holds at most, running and waiting: what a caller may keep in flight to it."""
+        return self.max_batch_size + self.max_waiting_requests
+
+    def check_params(self, params: DiffusionSamplingParams) -> None:
+        """Refuse (``ValueError`` naming the field) parameters this stage would refuse whatever the prompt:
+        the size asked for or configured, the sampler, ``return_latents``."""
+        self.check_size(params.height or self.height, params.width or self.width)
+        if params.sampler is not None:
+            self.check_sampler(params.sampler)
+        if params.return_latents and not self.return_latents:
+            raise ValueError("return_latents is not available with use_diffusers; use output_type='latent'")
+
+    def check_request(
+        self,
+        params: DiffusionSamplingParams,
+        has_image: bool,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> None:
+        """The checks of a request whose prompt is known: ``check_params``, ``strength`` only with an init
+        image, and the size it will run at when the engine resolves it (e.g. the init image's)."""
+        self.check_params(params)
+        if params.strength is not None and not has_image:
+            raise ValueError("strength is for image-to-image: pass the init image as prompt['image']")
+        self.check_size(height, width)
+
+    def check_size(self, height: int | None, width: int | None) -> None:
+        """Refuse a height or width that is not a multiple of ``size_factor`` or above the maximum (None:
+        not known yet, not checked)."""
+        factor = self.size_factor
+        for name, value, limit in (("height", height, self.max_height), ("width", width, self.max_width)):
+            if value is None:
+                continue
+            if value % factor:
+                raise ValueError(f"{name} must be a multiple of {factor} for {self.name}, got {value}")
+            if value > limit:
+                raise ValueError(f"{name} {value} exceeds the stage's maximum (DiTConfig.max_{name}={limit})")
+
+    def check_sampler(self, sampler: str, field: str = "sampler") -> None:
+        """Refuse a sampler this stage cannot run; ``field`` names where it was set."""
+        if not self.samplers:
+            raise ValueError(
+                f"{field}: the diffusers executor runs the folder's own scheduler; leave it unset"
+            )
+        if sampler not in self.samplers:
+            allowed = list(self.samplers)
+            raise ValueError(f"{field} {sampler!r} is not supported by {self.name}; allowed: {allowed}")
+
+    def check_room(self, num_requests: int) -> None:
+        """Refuse one more request when the stage already holds ``num_requests`` >= ``max_num_requests``."""
+        if num_requests >= self.max_num_requests:
+            raise ValueError(
+                f"the waiting queue is full: the stage holds {num_requests} requests (DiTConfig."
+                f"max_batch_size {self.max_batch_size} + max_waiting_requests {self.max_waiting_requests}); "
+                "retry later"
+            )
