@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from vllm_omni import OmniLLM, create_ar_stage_config, create_dit_stage_config
-from vllm_omni.core.stage_io import dumps, loads
+from vllm_omni.pipeline.stage_io import dumps, loads
 from vllm_omni.testing.tiny_models import build_qwen3, tiny_model_path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

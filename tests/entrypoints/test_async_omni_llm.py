@@ -129,10 +129,17 @@ def test_abort_in_the_dit_stage_and_by_cancelling(omni):
     _assert_idle(omni)
 
 
-def test_a_later_stage_rejection_ends_the_request_with_its_error(omni):
-    snapshots = run(collect(omni, "bad size", [SamplingParams(max_tokens=2), {"height": 30}]))
-    assert snapshots[-1].finished
-    assert snapshots[-1].error == "stage 1 (dit): ValueError: height must be a multiple of 4 for sd3, got 30"
+def test_a_later_stage_rejection_is_refused_before_any_stage_runs(omni):
+    with pytest.raises(
+        ValueError, match=r"^stage 1 \(dit\): height must be a multiple of 4 for sd3, got 30$"
+    ):
+        run(collect(omni, "bad size", [SamplingParams(max_tokens=2), {"height": 30}]))
+    with pytest.raises(ValueError, match=r"^stage 1 \(dit\): sampler 'Nope' is not supported by sd3"):
+        run(collect(omni, "bad sampler", [SamplingParams(max_tokens=2), {"sampler": "Nope"}]))
+    with pytest.raises(ValueError, match=r"^stage 0 \(ar\): Requested sample logprobs of 100000"):
+        run(collect(omni, "bad logprobs", [SamplingParams(max_tokens=2, logprobs=100_000), None]))
+    assert run(omni.stage_stats(0))["unfinished"] == 0  # stage 0 never saw them
+    _assert_idle(omni)
     with pytest.raises(ValueError, match="output_kind DELTA is not supported in a pipeline"):
         from vllm.sampling_params import RequestOutputKind
 

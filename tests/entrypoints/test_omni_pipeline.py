@@ -72,7 +72,7 @@ def test_text_to_text_through_a_registered_stage_input(qwen3_llm):
     args = dict(dtype="float32", max_model_len=256, enforce_eager=True)
     first = create_ar_stage_config(0, qwen3, final_output=False, **args)
     second = create_ar_stage_config(1, qwen3, stage_input="test_summary_prompt", **args)
-    omni = OmniLLM([first, second])
+    omni = OmniLLM([first, second], keep_stage_outputs=True)  # stage 0's drafts are compared below
     sources = ["The quick brown fox", "A beautiful landscape"]
     try:
         outputs = omni.generate(sources, GREEDY, use_tqdm=False)

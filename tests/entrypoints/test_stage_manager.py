@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from vllm_omni import OmniLLM, create_ar_stage_config, create_dit_stage_config
-from vllm_omni.core.stage_io import SHM_DIR, dumps, loads, new_segment_prefix, sweep
-from vllm_omni.core.stage_manager import OmniStageError
+from vllm_omni.pipeline.stage_io import SHM_DIR, dumps, loads, new_segment_prefix, sweep
+from vllm_omni.pipeline.stage_manager import OmniStageError
 from vllm_omni.testing.tiny_models import tiny_model_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,7 +51,7 @@ def test_large_tensors_travel_in_shared_memory_and_are_freed_on_load(tensor):
 
 
 def test_without_shared_memory_tensors_are_pickled(monkeypatch, tmp_path):
-    import vllm_omni.core.stage_io as stage_io
+    import vllm_omni.pipeline.stage_io as stage_io
 
     monkeypatch.setattr(stage_io, "SHM_DIR", tmp_path / "missing")
     tensor = torch.randn(1 << 19)

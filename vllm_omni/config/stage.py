@@ -10,24 +10,25 @@ from typing import Any
 from vllm_omni.config.dit import DiTConfig
 from vllm_omni.config.utils import from_known_keys
 
-ENGINE_TYPES = ("ar", "dit")
 MODALITIES = ("text", "image", "latent", "hidden_states")
 
 
 @dataclass
 class OmniStageConfig:
-    """A pipeline stage: an autoregressive vLLM engine (``ar``) or a diffusion engine (``dit``)."""
+    """A pipeline stage: an autoregressive vLLM engine (``ar``), a diffusion engine (``dit``), or another
+    registered stage kind (``vllm_omni.pipeline.kinds``)."""
 
     stage_id: int
     """Position of the stage in the pipeline (0 = first)."""
     engine_type: str
-    """``ar`` (vLLM engine) or ``dit`` (diffusion engine)."""
+    """The stage kind: ``ar`` (vLLM engine), ``dit`` (diffusion engine) or another registered kind."""
     model_path: str
     """Model folder (Hugging Face layout for ``ar``; diffusers layout, ``model_index.json``, for ``dit``)."""
     input_modalities: list[str] = field(default_factory=lambda: ["text"])
     """What the stage consumes: any of ``text``, ``image``, ``latent``, ``hidden_states``."""
-    output_modalities: list[str] = field(default_factory=lambda: ["text"])
-    """What the stage produces: any of ``text``, ``image``, ``latent``, ``hidden_states``."""
+    output_modalities: list[str] | None = None
+    """What the stage produces: any of ``text``, ``image``, ``latent``, ``hidden_states`` that its kind makes
+    (``ar``: text, hidden_states; ``dit``: image, latent); default: the kind's first (text, image)."""
     engine_args: dict[str, Any] = field(default_factory=dict)
     """Engine arguments of an ``ar`` stage (any ``vllm.EngineArgs`` field)."""
     dit_config: DiTConfig | None = None
@@ -38,7 +39,7 @@ class OmniStageConfig:
     """The earlier stage whose outputs feed this one (default: the stage before; none for stage 0)."""
     stage_input: str | None = None
     """Name of the registered stage-input function that turns the source's output into this stage's prompt
-    (``vllm_omni.core.stage_input``); default chosen from the modalities (text, hidden_states, image)."""
+    (``vllm_omni.pipeline.stage_input``); default chosen from the modalities (text, hidden_states, image)."""
     devices: str | None = None
     """Device placement: the accelerator ids the stage's process sees (``CUDA_VISIBLE_DEVICES``, e.g.
     ``"0"`` or ``"1,2"``); ``None`` keeps the parent's. CPU stages ignore it."""
@@ -50,11 +51,18 @@ class OmniStageConfig:
         where = f"stage {self.stage_id}"
         if not isinstance(self.stage_id, int) or self.stage_id < 0:
             raise ValueError(f"{where}: stage_id must be an integer >= 0")
-        if self.engine_type not in ENGINE_TYPES:
-            allowed = list(ENGINE_TYPES)
-            raise ValueError(f"{where}: engine_type must be one of {allowed}, got {self.engine_type!r}")
+        # Kinds live in the pipeline package and are imported lazily by name, the way vLLM's config looks
+        # models up in its ModelRegistry.
+        from vllm_omni.pipeline.kinds import get_stage_kind
+
+        try:
+            kind = get_stage_kind(self.engine_type)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
         if not self.model_path:
             raise ValueError(f"{where}: model_path is required")
+        if self.output_modalities is None:
+            self.output_modalities = list(kind.output_modalities[:1])
         for key in ("input_modalities", "output_modalities"):
             bad = [m for m in getattr(self, key) if m not in MODALITIES]
             if bad or not getattr(self, key):
@@ -65,16 +73,7 @@ class OmniStageConfig:
             raise ValueError(f"{where}: source_stage must be an earlier stage, got {self.source_stage}")
         if self.cpus is not None:
             parse_cpu_list(self.cpus, f"{where}: cpus")
-        if self.engine_type == "ar":
-            _check_engine_args(where, self.engine_args)
-        elif self.engine_args:
-            raise ValueError(f"{where}: engine_args are for engine_type 'ar'; a 'dit' stage takes dit_config")
-        if self.engine_type == "dit":
-            if isinstance(self.dit_config, dict):
-                self.dit_config = DiTConfig.from_dict(self.dit_config)
-            self.dit_config = self.dit_config or DiTConfig()
-        elif self.dit_config is not None:
-            raise ValueError(f"{where}: dit_config is only for engine_type 'dit'")
+        kind.check_config(self)  # the kind's own fields
 
 
 def parse_cpu_list(text: str, where: str = "cpus") -> list[int]:
@@ -116,21 +115,6 @@ def load_stage_configs(path: str | Path) -> list[OmniStageConfig]:
     return stages
 
 
-def _check_engine_args(where: str, engine_args: dict[str, Any]) -> None:
-    from dataclasses import fields
-
-    from vllm.engine.arg_utils import EngineArgs
-
-    known = {f.name for f in fields(EngineArgs)}
-    unknown = sorted(set(engine_args) - known)
-    if unknown:
-        raise ValueError(
-            f"{where}: engine_args has unknown key(s) {unknown}; any vllm EngineArgs field is allowed"
-        )
-    if "model" in engine_args:
-        raise ValueError(f"{where}: engine_args must not set 'model'; use model_path")
-
-
 def create_ar_stage_config(
     stage_id: int,
     model_path: str,
@@ -146,7 +130,7 @@ def create_ar_stage_config(
 ) -> OmniStageConfig:
     """An ``ar`` stage; ``engine_args`` are ``vllm.EngineArgs`` fields (e.g. ``max_model_len=512``)."""
     return OmniStageConfig(
-        stage_id, "ar", model_path, input_modalities or ["text"], output_modalities or ["text"],
+        stage_id, "ar", model_path, input_modalities or ["text"], output_modalities,
         engine_args=engine_args, final_output=final_output, source_stage=source_stage,
         stage_input=stage_input, devices=devices, cpus=cpus,
     )  # fmt: skip
@@ -167,7 +151,7 @@ def create_dit_stage_config(
 ) -> OmniStageConfig:
     """A ``dit`` stage; ``dit_options`` are :class:`DiTConfig` fields (e.g. ``num_inference_steps=20``)."""
     return OmniStageConfig(
-        stage_id, "dit", model_path, input_modalities or ["text"], output_modalities or ["image"],
+        stage_id, "dit", model_path, input_modalities or ["text"], output_modalities,
         dit_config=DiTConfig.from_dict(dit_options), final_output=final_output, source_stage=source_stage,
         stage_input=stage_input, devices=devices, cpus=cpus,
     )  # fmt: skip

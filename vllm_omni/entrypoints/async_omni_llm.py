@@ -9,9 +9,9 @@ from typing import Any
 from uuid import uuid4
 
 from vllm_omni.config.stage import OmniStageConfig, load_stage_configs
-from vllm_omni.core.outputs import OmniRequestOutput
-from vllm_omni.core.stage_manager import StageManager
 from vllm_omni.entrypoints.omni_params import pipeline_params
+from vllm_omni.pipeline.outputs import OmniRequestOutput
+from vllm_omni.pipeline.stage_manager import StageManager
 
 
 class AsyncOmniLLM:

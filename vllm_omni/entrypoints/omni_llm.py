@@ -10,9 +10,9 @@ from typing import Any
 from tqdm import tqdm
 
 from vllm_omni.config.stage import OmniStageConfig, load_stage_configs
-from vllm_omni.core.outputs import OmniRequestOutput
-from vllm_omni.core.stage_manager import StageManager
 from vllm_omni.entrypoints.omni_params import pipeline_params
+from vllm_omni.pipeline.outputs import OmniRequestOutput
+from vllm_omni.pipeline.stage_manager import StageManager
 
 POLL_SECONDS = 1.0
 
@@ -44,17 +44,22 @@ class OmniLLM:
         entry for every stage; an entry is the stage's params object (``vllm.SamplingParams`` for ``ar``,
         ``DiffusionSamplingParams`` for ``dit``), a dict of its fields, or a list with one per prompt
         (``vllm_omni.entrypoints.omni_params.pipeline_params``).
+        Every stage's params are checked before anything runs (ValueError naming the stage and the field).
         A prompt the first stage rejects fails the call (ValueError) and runs nothing; a later stage's
-        rejection or failure is the request's ``error``.
+        rejection or failure is the request's ``error``. More prompts than the stages' queues hold are fed
+        as earlier ones leave (a first-stage rejection among those fails the call and aborts the rest).
         """
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         params = pipeline_params(self.stages, sampling_params, len(prompts), streaming=False)
+        for stage_params in params:
+            self.manager.check_params(stage_params)
         ids = [f"omni-{next(self._ids)}" for _ in prompts]
-        self.manager.add_requests(list(zip(ids, prompts, params, strict=True)))
+        waiting = list(zip(ids, prompts, params, strict=True))
         results: dict[str, OmniRequestOutput] = {}
         try:
             with tqdm(total=len(ids), desc="Omni requests", disable=not use_tqdm) as bar:
                 while len(results) < len(ids):
+                    waiting = self._admit(waiting)
                     for update in self.manager.poll(POLL_SECONDS):
                         if update.finished and update.request_id in ids:
                             results[update.request_id] = update
@@ -64,6 +69,14 @@ class OmniLLM:
         finally:  # interrupted (Ctrl-C in a notebook): what is left of this call stops
             self.manager.abort([i for i in ids if i not in results])
         return [results[request_id] for request_id in ids]
+
+    def _admit(self, waiting: list[tuple[str, Any, list[Any]]]) -> list[tuple[str, Any, list[Any]]]:
+        """Send as many waiting requests as the pipeline takes now; returns the rest."""
+        slots = self.manager.free_slots()
+        admitted, rest = (waiting, []) if slots is None else (waiting[:slots], waiting[slots:])
+        if admitted:
+            self.manager.add_requests(admitted)
+        return rest
 
     def stage_stats(self, stage_id: int) -> dict[str, int]:
         """What stage ``stage_id``'s engine holds now (requests, bytes)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_omni.config.stage import OmniStageConfig
-from vllm_omni.core.stage_engine import stage_params
+from vllm_omni.pipeline.kinds import get_stage_kind
 
 
 def pipeline_params(
@@ -15,26 +15,15 @@ def pipeline_params(
 
     ``sampling_params``: a list with one entry per stage (for a pipeline of several stages), or a single
     entry for every stage; an entry is the stage's params object, a dict of its fields, or a list with one
-    per prompt. Without ``streaming``, AR stages report only their final output (as ``vllm.LLM`` does),
-    and so do AR stages that return hidden states; with it the others keep their ``output_kind``
-    (CUMULATIVE by default: one report per token), except DELTA, which a pipeline cannot hand on (the
-    next stage needs the whole text).
+    per prompt. Each stage's kind builds its params object and adjusts it to how the pipeline runs
+    (``streaming``: whether snapshots are wanted while a request runs; e.g. an AR stage then streams its
+    tokens only when it is a final stage without hidden states).
     """
-    from vllm.sampling_params import RequestOutputKind
-
     per_stage = []
     for index, stage in enumerate(stages):
+        kind = get_stage_kind(stage.engine_type)
         entries = _per_prompt(_stage_entry(sampling_params, len(stages), index), num_prompts)
-        objects = [stage_params(stage, entry) for entry in entries]
-        for p in objects if stage.engine_type == "ar" else ():
-            if not streaming or "hidden_states" in stage.output_modalities:  # not the tensor every token
-                p.output_kind = RequestOutputKind.FINAL_ONLY
-            elif p.output_kind == RequestOutputKind.DELTA:
-                raise ValueError(
-                    f"stage {stage.stage_id}: output_kind DELTA is not supported in a pipeline; "
-                    "use CUMULATIVE (the default) or FINAL_ONLY"
-                )
-        per_stage.append(objects)
+        per_stage.append([kind.prepare_params(stage, kind.make_params(stage, e), streaming) for e in entries])
     return [list(p) for p in zip(*per_stage, strict=True)]
 
 

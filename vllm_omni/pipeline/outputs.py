@@ -11,7 +11,7 @@ class OmniRequestOutput:
     """One request's result so far: the final outputs, and what each stage produced for it.
 
     ``OmniLLM`` returns it once per request (``finished``); ``AsyncOmniLLM`` yields a fresh snapshot each
-    time a stage reports (``stage_id`` says which; an AR stage reports every step when it streams).
+    time a final stage reports (``stage_id`` says which; an AR stage reports every step when it streams).
     """
 
     request_id: str
@@ -24,7 +24,8 @@ class OmniRequestOutput:
     latents: Any = None
     """Final latents of the last DiT stage, when asked for."""
     stage_outputs: dict[int, Any] = field(default_factory=dict)
-    """Each stage's own output object by ``stage_id`` (``vllm.RequestOutput`` or ``DiffusionOutput``)."""
+    """Each final stage's own output object by ``stage_id`` (``vllm.RequestOutput`` or ``DiffusionOutput``);
+    stages with ``final_output=False`` are not returned (unless the manager keeps every stage's output)."""
     stage_id: int | None = None
     """The stage whose report this snapshot follows."""
     finished: bool = False

@@ -1,8 +1,10 @@
 """Stage-input functions: how an earlier stage's output becomes a stage's prompt.
 
 A stage config names its function (``stage_input``); the manager calls it when the source stage has
-finished a request. Built-in functions cover the hand-offs of this release; users add theirs with
-``register_stage_input`` (in the process that builds the pipeline).
+finished a request (outside its routing lock: a slow function delays only that request). Built-in
+functions cover the hand-offs of this release and say what they need of their source (``needs``) and
+which kinds they feed (``targets``), which ``check_pipeline`` verifies before any stage starts. Users add
+theirs with ``register_stage_input`` (in the process that builds the pipeline).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ class StageInput:
     prompt: Any
     """The request's original prompt (as given to the pipeline)."""
     outputs: dict[int, Any]
-    """The outputs of the stages that have run, by ``stage_id``."""
+    """Outputs of the stages that have run, by ``stage_id``: those of final stages, and of non-final stages
+    that still feed a later stage (all of them with ``StageManager(keep_stage_outputs=True)``)."""
     stage: OmniStageConfig
     """The stage being fed."""
 
@@ -41,14 +44,31 @@ class StageInput:
 
 
 StageInputFn = Callable[[StageInput], Any]
-_REGISTRY: dict[str, StageInputFn] = {}
 
 
-def register_stage_input(name: str) -> Callable[[StageInputFn], StageInputFn]:
-    """Decorator: register ``fn(StageInput) -> prompt`` under ``name`` for ``OmniStageConfig.stage_input``."""
+@dataclass(frozen=True)
+class _Registered:
+    fn: StageInputFn
+    needs: str | None
+    """The output modality the function reads from its source stage (None: not checked)."""
+    targets: tuple[str, ...] | None
+    """The stage kinds it can feed (None: any)."""
+
+
+_REGISTRY: dict[str, _Registered] = {}
+
+
+def register_stage_input(
+    name: str, *, needs: str | None = None, targets: tuple[str, ...] | None = None
+) -> Callable[[StageInputFn], StageInputFn]:
+    """Decorator: register ``fn(StageInput) -> prompt`` under ``name`` for ``OmniStageConfig.stage_input``.
+
+    ``needs``: the modality the function reads from its source stage (checked against the source's
+    ``output_modalities`` when a pipeline is built); ``targets``: the stage kinds it can feed.
+    """
 
     def register(fn: StageInputFn) -> StageInputFn:
-        _REGISTRY[name] = fn
+        _REGISTRY[name] = _Registered(fn, needs, targets)
         return fn
 
     return register
@@ -61,6 +81,10 @@ def stage_input_names() -> list[str]:
 
 def get_stage_input(name: str) -> StageInputFn:
     """The function registered under ``name`` (ValueError listing the registered names otherwise)."""
+    return _registered(name).fn
+
+
+def _registered(name: str) -> _Registered:
     if name not in _REGISTRY:
         raise ValueError(f"unknown stage_input {name!r}; registered: {stage_input_names()}")
     return _REGISTRY[name]
@@ -72,13 +96,13 @@ def original_prompt(data: StageInput) -> Any:
     return data.prompt
 
 
-@register_stage_input("text")
+@register_stage_input("text", needs="text")
 def generated_text(data: StageInput) -> dict[str, str]:
     """The source AR stage's generated text as the prompt (prompt expansion, text-to-text)."""
     return {"prompt": data.source.outputs[0].text}
 
 
-@register_stage_input("hidden_states")
+@register_stage_input("hidden_states", needs="hidden_states", targets=("dit",))
 def prompt_hidden_states(data: StageInput) -> dict[str, Any]:
     """The source AR stage's prompt hidden states as a DiT's text conditioning (``prompt_embeds``)."""
     embeds = data.source.outputs[0].prompt_hidden_states
@@ -87,7 +111,7 @@ def prompt_hidden_states(data: StageInput) -> dict[str, Any]:
     return {"prompt_embeds": embeds}
 
 
-@register_stage_input("image")
+@register_stage_input("image", needs="image")
 def generated_image(data: StageInput) -> dict[str, Any]:
     """The source DiT stage's first image as the init image, with the request's text (image-to-image)."""
     return {"prompt": data.text or "", "image": data.source.images[0]}
@@ -121,3 +145,41 @@ def default_stage_input(stage: OmniStageConfig, source: OmniStageConfig | None) 
     if "image" in stage.input_modalities and "image" in source.output_modalities:
         return "image"
     return "text"
+
+
+def stage_input_of(stages: list[OmniStageConfig], stage: OmniStageConfig) -> str:
+    """The name of ``stage``'s stage-input function: its own, or the default for its modalities."""
+    source = stages[stage.source_stage] if stage.source_stage is not None else None
+    return stage.stage_input or default_stage_input(stage, source)
+
+
+def check_pipeline(stages: list[OmniStageConfig]) -> None:
+    """Stage ids are positions; each stage's input function exists, feeds its kind, and has a source stage
+    that produces what it reads."""
+    if not stages:
+        raise ValueError("a pipeline needs at least one stage")
+    for position, stage in enumerate(stages):
+        where = f"stage {stage.stage_id}"
+        if stage.stage_id != position:
+            raise ValueError(f"{where}: stage_id must equal its position in the list ({position})")
+        try:
+            registered = _registered(stage_input_of(stages, stage))
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        if registered.targets is not None and stage.engine_type not in registered.targets:
+            name = stage_input_of(stages, stage)
+            raise ValueError(f"{where}: stage_input {name!r} feeds {list(registered.targets)} stages")
+        if stage.source_stage is not None and registered.needs is not None:
+            _check_source(stage, stages[stage.source_stage], registered.needs)
+
+
+def _check_source(stage: OmniStageConfig, source: OmniStageConfig, needs: str) -> None:
+    from vllm_omni.pipeline.kinds import get_stage_kind, stage_kind_names
+
+    makers = [kind for kind in stage_kind_names() if needs in get_stage_kind(kind).output_modalities]
+    if source.engine_type not in makers or needs not in source.output_modalities:
+        kinds = " or ".join(repr(kind) for kind in makers)
+        raise ValueError(
+            f"stage {stage.stage_id}: input {stage.input_modalities} needs stage {source.stage_id} to be "
+            f"an {kinds} stage with {needs!r} in output_modalities (or set stage_input)"
+        )

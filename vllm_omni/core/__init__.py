@@ -1,1 +1,0 @@
-"""Pipeline orchestration above the stage engines: outputs, stages, hand-offs."""

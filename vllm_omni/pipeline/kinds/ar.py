@@ -1,0 +1,151 @@
+"""The ``ar`` stage kind: an autoregressive vLLM engine (``vllm.LLM``, its EngineCore in its own process)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from vllm_omni.config.stage import OmniStageConfig
+from vllm_omni.pipeline.kinds.base import StageEngine, StageEvent, StageKind
+from vllm_omni.pipeline.outputs import OmniRequestOutput
+from vllm_omni.pipeline.protocol import StageRequest
+
+
+@dataclass(frozen=True)
+class ARLimits:
+    """The model settings ``SamplingParams.verify`` reads (vLLM's own up-front checks: logprobs, token ids
+    in logit_bias / allowed_token_ids / stop_token_ids, ...), published by an ``ar`` stage so that the
+    manager runs those checks before any stage computes. Structured outputs and speculative decoding are
+    checked by the stage itself."""
+
+    max_model_len: int
+    max_logprobs: int
+    vocab_size: int
+    is_diffusion: bool
+    enable_trace_replay: bool
+
+    @classmethod
+    def from_model_config(cls, model_config: Any) -> ARLimits:
+        return cls(
+            max_model_len=model_config.max_model_len,
+            max_logprobs=model_config.max_logprobs,
+            vocab_size=model_config.get_vocab_size(),
+            is_diffusion=model_config.is_diffusion,
+            enable_trace_replay=model_config.enable_trace_replay,
+        )
+
+    def get_vocab_size(self) -> int:
+        return self.vocab_size
+
+    def check_params(self, params: Any) -> None:
+        """vLLM's checks of ``params`` against these settings (ValueError with vLLM's message)."""
+        from vllm.exceptions import VLLMValidationError
+
+        try:
+            params.verify(self, None, None, None)
+        except VLLMValidationError as error:
+            raise ValueError(str(error)) from None
+
+
+class ARStageKind(StageKind):
+    """Text in, text and/or prompt hidden states out."""
+
+    name = "ar"
+    output_modalities = ("text", "hidden_states")
+
+    def check_config(self, config: OmniStageConfig) -> None:
+        super().check_config(config)
+        where = f"stage {config.stage_id}"
+        if config.dit_config is not None:
+            raise ValueError(f"{where}: dit_config is only for engine_type 'dit'")
+        from vllm.engine.arg_utils import EngineArgs
+
+        unknown = sorted(set(config.engine_args) - {f.name for f in fields(EngineArgs)})
+        if unknown:
+            raise ValueError(
+                f"{where}: engine_args has unknown key(s) {unknown}; any vllm EngineArgs field is allowed"
+            )
+        if "model" in config.engine_args:
+            raise ValueError(f"{where}: engine_args must not set 'model'; use model_path")
+
+    def make_params(self, config: OmniStageConfig, entry: Any) -> Any:
+        from vllm import SamplingParams
+
+        where = f"stage {config.stage_id} (ar)"
+        if entry is None:
+            params = SamplingParams()
+        elif isinstance(entry, dict):
+            try:
+                params = SamplingParams(**entry)
+            except TypeError as error:
+                raise ValueError(f"{where}: bad SamplingParams field: {error}") from None
+        elif isinstance(entry, SamplingParams):
+            params = entry.clone()
+        else:
+            raise ValueError(f"{where} takes SamplingParams or a dict, got {type(entry).__name__}")
+        if "hidden_states" in config.output_modalities:
+            params.extra_args = {**(params.extra_args or {}), "prompt_hidden_states": True}
+        return params
+
+    def prepare_params(self, config: OmniStageConfig, params: Any, streaming: bool) -> Any:
+        """Stream tokens (each a snapshot) only where someone sees them: when ``streaming``, on a final
+        stage, without hidden states (not the tensor with every token); DELTA cannot be handed on."""
+        from vllm.sampling_params import RequestOutputKind
+
+        if not streaming or not config.final_output or "hidden_states" in config.output_modalities:
+            params.output_kind = RequestOutputKind.FINAL_ONLY
+        elif params.output_kind == RequestOutputKind.DELTA:
+            raise ValueError(
+                f"stage {config.stage_id}: output_kind DELTA is not supported in a pipeline; "
+                "use CUMULATIVE (the default) or FINAL_ONLY"
+            )
+        return params
+
+    def check_params(self, limits: ARLimits, params: Any) -> None:
+        limits.check_params(params)
+
+    def make_engine(self, config: OmniStageConfig) -> ARStageEngine:
+        return ARStageEngine(config)
+
+    def merge_output(self, result: OmniRequestOutput, output: Any) -> None:
+        result.text = output.outputs[0].text
+
+
+class ARStageEngine(StageEngine):
+    """A ``vllm.LLM`` fed request by request: prompts rendered the way ``LLM.generate`` renders them,
+    each request keeps its own ``output_kind`` (CUMULATIVE streams tokens) and the pipeline's request id."""
+
+    def __init__(self, config: OmniStageConfig) -> None:
+        from vllm import LLM
+
+        engine_args = dict(config.engine_args)
+        if "hidden_states" in config.output_modalities:
+            engine_args.setdefault("return_prompt_hidden_states", True)
+        self.llm = LLM(model=config.model_path, **engine_args)
+        self.engine = self.llm.llm_engine
+
+    def add_one(self, request: StageRequest) -> None:
+        (engine_input,) = self.llm._preprocess_cmpl([request.prompt])
+        self.engine.add_request(request.request_id, engine_input, request.params)
+
+    def abort(self, request_ids: list[str]) -> None:
+        if request_ids:
+            self.engine.abort_request(request_ids)
+
+    def step(self) -> list[StageEvent]:
+        return [StageEvent(out.request_id, out, out.finished) for out in self.engine.step()]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def stats(self) -> dict[str, int]:
+        return {"unfinished": self.engine.get_num_unfinished_requests()}
+
+    def limits(self) -> ARLimits:
+        return ARLimits.from_model_config(self.engine.model_config)
+
+    def close(self) -> None:
+        self.engine.engine_core.shutdown()
+
+
+AR_STAGE = ARStageKind()

@@ -1,0 +1,111 @@
+"""What a stage kind is: its config checks, params, limits, engine and share of the request's result.
+
+A :class:`StageKind` is used on both sides of a pipeline. In the manager's process it checks a stage
+config, turns a user's per-request entry into the stage's params object, checks those params against the
+limits the stage published when it became ready (before any stage computes) and merges the stage's output
+into the request's :class:`~vllm_omni.pipeline.outputs.OmniRequestOutput`. In the stage's own process it
+builds the :class:`StageEngine` the stage loop drives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vllm_omni.config.stage import OmniStageConfig
+from vllm_omni.pipeline.outputs import OmniRequestOutput
+from vllm_omni.pipeline.protocol import StageRequest
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """An engine's news about one request, from one step."""
+
+    request_id: str
+    output: Any
+    """The engine's output object (sent to the manager)."""
+    finished: bool
+    """Whether the request is done in this stage."""
+    error: str | None = None
+    """Why the request failed; None when it did not."""
+
+
+class StageEngine:
+    """A stage's engine as its stage process drives it: all-or-none adds, aborts, one step at a time."""
+
+    def add(self, requests: list[StageRequest]) -> None:
+        """Queue ``requests``; one that fails raises, and the others of the batch are aborted."""
+        added = []
+        try:
+            for request in requests:
+                self.add_one(request)
+                added.append(request.request_id)
+        except Exception:
+            self.abort(added)
+            raise
+
+    def add_one(self, request: StageRequest) -> None:
+        """Validate and queue one request (ValueError naming the field when it is refused)."""
+        raise NotImplementedError
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Drop these requests now, freeing what the engine holds for them."""
+        raise NotImplementedError
+
+    def step(self) -> list[StageEvent]:
+        """One engine step; news of every request that progressed."""
+        raise NotImplementedError
+
+    def has_unfinished_requests(self) -> bool:
+        """Whether ``step`` has work to do."""
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, int]:
+        """What the engine holds now (requests, bytes)."""
+        raise NotImplementedError
+
+    def limits(self) -> Any:
+        """What the stage accepts: a picklable object for its kind's ``check_params``."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop what the engine started (processes, threads)."""
+
+
+class StageKind:
+    """One kind of stage (``ar``, ``dit``, ...); instances are stateless and registered by name
+    (``vllm_omni.pipeline.kinds.register_stage_kind``)."""
+
+    name: str
+    """The ``OmniStageConfig.engine_type`` of this kind."""
+    output_modalities: tuple[str, ...]
+    """What stages of this kind can produce; the first is a stage's default."""
+
+    def check_config(self, config: OmniStageConfig) -> None:
+        """Check and normalise the kind's own config fields (ValueError naming the field)."""
+        bad = [m for m in config.output_modalities if m not in self.output_modalities]
+        if bad:
+            allowed = list(self.output_modalities)
+            raise ValueError(f"stage {config.stage_id}: a {self.name!r} stage produces {allowed}, not {bad}")
+
+    def make_params(self, config: OmniStageConfig, entry: Any) -> Any:
+        """The stage's params object for a user's ``entry``: ``None``, a dict of its fields, or the object."""
+        raise NotImplementedError
+
+    def prepare_params(self, config: OmniStageConfig, params: Any, streaming: bool) -> Any:
+        """Adjust ``params`` to how the pipeline runs (``streaming``: snapshots are wanted while it runs)."""
+        return params
+
+    def check_params(self, limits: Any, params: Any) -> None:
+        """Refuse (ValueError naming the field) params the stage with ``limits`` would refuse."""
+
+    def queue_bound(self, limits: Any) -> int | None:
+        """How many requests may be on their way to or in the stage at once; None: no bound."""
+        return None
+
+    def make_engine(self, config: OmniStageConfig) -> StageEngine:
+        """The stage's engine, built in the stage's own process."""
+        raise NotImplementedError
+
+    def merge_output(self, result: OmniRequestOutput, output: Any) -> None:
+        """Put what a final stage produced into the request's result."""

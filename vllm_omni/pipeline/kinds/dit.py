@@ -1,0 +1,82 @@
+"""The ``dit`` stage kind: a diffusion engine (step-level native engine or the diffusers executor)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm_omni.config.dit import DiTConfig
+from vllm_omni.config.stage import OmniStageConfig
+from vllm_omni.diffusion.limits import DiTLimits
+from vllm_omni.diffusion.request import DiffusionSamplingParams
+from vllm_omni.pipeline.kinds.base import StageEngine, StageEvent, StageKind
+from vllm_omni.pipeline.outputs import OmniRequestOutput
+from vllm_omni.pipeline.protocol import StageRequest
+
+
+class DiTStageKind(StageKind):
+    """Text, prompt embeddings or an init image in; images and/or latents out."""
+
+    name = "dit"
+    output_modalities = ("image", "latent")
+
+    def check_config(self, config: OmniStageConfig) -> None:
+        if config.engine_args:
+            where = f"stage {config.stage_id}"
+            raise ValueError(f"{where}: engine_args are for engine_type 'ar'; a 'dit' stage takes dit_config")
+        if isinstance(config.dit_config, dict):
+            config.dit_config = DiTConfig.from_dict(config.dit_config)
+        config.dit_config = config.dit_config or DiTConfig()
+        super().check_config(config)
+
+    def make_params(self, config: OmniStageConfig, entry: Any) -> DiffusionSamplingParams:
+        if entry is None:
+            return DiffusionSamplingParams()
+        if isinstance(entry, dict):
+            return DiffusionSamplingParams.from_dict(entry)
+        if isinstance(entry, DiffusionSamplingParams):
+            return entry
+        where, got = f"stage {config.stage_id} (dit)", type(entry).__name__
+        raise ValueError(f"{where} takes DiffusionSamplingParams or a dict, got {got}")
+
+    def check_params(self, limits: DiTLimits, params: DiffusionSamplingParams) -> None:
+        limits.check_params(params)
+
+    def queue_bound(self, limits: DiTLimits) -> int:
+        return limits.max_num_requests
+
+    def make_engine(self, config: OmniStageConfig) -> DiTStageEngine:
+        return DiTStageEngine(config)
+
+    def merge_output(self, result: OmniRequestOutput, output: Any) -> None:
+        result.images, result.latents = output.images, output.latents
+
+
+class DiTStageEngine(StageEngine):
+    """A diffusion engine, stepped in the stage's process."""
+
+    def __init__(self, config: OmniStageConfig) -> None:
+        from vllm_omni.v1.engine.diffusion_engine import create_diffusion_engine
+
+        self.engine = create_diffusion_engine(config.model_path, config.dit_config)
+
+    def add_one(self, request: StageRequest) -> None:
+        self.engine.add_request(request.request_id, request.prompt, request.params)
+
+    def abort(self, request_ids: list[str]) -> None:
+        if request_ids:
+            self.engine.abort_request(request_ids)
+
+    def step(self) -> list[StageEvent]:
+        return [StageEvent(out.request_id, out, True, out.error) for out in self.engine.step()]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def stats(self) -> dict[str, int]:
+        return self.engine.memory_stats()
+
+    def limits(self) -> DiTLimits:
+        return self.engine.limits
+
+
+DIT_STAGE = DiTStageKind()

@@ -1,0 +1,168 @@
+"""Stage launchers: where a stage's process runs. Local processes are the default.
+
+A launcher starts a stage from its :class:`~vllm_omni.pipeline.stage_process.StageBootstrap` parts and
+returns a :class:`StageHandle`, through which the manager sends the stage its messages, watches it and
+stops it; the stage's messages arrive in the manager's queue as ``(stage_id, bytes)`` (``None`` when the
+stage is gone). Another launcher (e.g. Ray actors on other machines) implements the same interface;
+docs/features/omni_pipelines.md describes how that maps.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import queue
+import subprocess
+import sys
+import threading
+from typing import IO, Protocol
+
+import psutil
+
+from vllm_omni.config.stage import OmniStageConfig, parse_cpu_list
+from vllm_omni.pipeline.channel import Channel, channel_pair
+from vllm_omni.pipeline.kinds import get_stage_kind
+from vllm_omni.pipeline.stage_process import StageBootstrap
+
+CHILD_GRACE_SECONDS = 5.0
+"""How long a stopped stage's own children get to exit before they are killed."""
+LOG_TAIL_LINES = 20
+"""Lines of a stage's output kept for the error that reports its end."""
+EXIT_WAIT_SECONDS = 2.0
+"""How long a stage that closed its connection gets to report its exit code."""
+STAGE_COMMAND = "from vllm_omni.pipeline.stage_process import main; main()"
+
+
+class StageHandle(Protocol):
+    """A running stage, as the manager sees it."""
+
+    def send(self, data: bytes) -> None:
+        """Queue a message (``stage_io.dumps`` bytes) for the stage."""
+        ...
+
+    def is_alive(self) -> bool: ...
+
+    def exit_description(self) -> str:
+        """How the stage ended (for errors that name it): exit code and its last lines of output."""
+        ...
+
+    def stop(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for a clean exit, then kill the stage and what it started."""
+        ...
+
+
+class StageLauncher(Protocol):
+    """Starts stages."""
+
+    def launch(
+        self, config: OmniStageConfig, received: queue.Queue, segment_prefix: str, shm_threshold: int
+    ) -> StageHandle:
+        """Start ``config``'s stage; its messages go to ``received`` as ``(stage_id, bytes)``."""
+        ...
+
+
+class LocalProcessLauncher:
+    """One local process per stage (the default launcher): a fresh interpreter, safe with CUDA."""
+
+    def launch(
+        self, config: OmniStageConfig, received: queue.Queue, segment_prefix: str, shm_threshold: int
+    ) -> LocalProcess:
+        ours, theirs = channel_pair()
+        bootstrap = StageBootstrap(
+            config, get_stage_kind(config.engine_type), theirs.fileno(), segment_prefix, shm_threshold
+        )
+        process = subprocess.Popen(
+            [sys.executable, "-c", STAGE_COMMAND],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=(theirs.fileno(),),
+            env=_stage_environment(config),
+            start_new_session=True,  # its own process group: the launcher stops the stage and all it
+            # started; a terminal's Ctrl-C reaches only the manager, which shuts the stages down
+        )
+        theirs.close()
+        handle = LocalProcess(process, Channel(ours, received, tag=config.stage_id))
+        try:
+            pickle.dump(sys.path, process.stdin)
+            pickle.dump(bootstrap, process.stdin)
+            process.stdin.close()
+        except BrokenPipeError:  # it died at once; its exit code and output tell why
+            pass
+        return handle
+
+
+class LocalProcess:
+    """A stage in a local process; its stdout and stderr pass through to ours, the last lines kept."""
+
+    def __init__(self, process: subprocess.Popen, channel: Channel) -> None:
+        self.process, self.channel = process, channel
+        self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self._copiers = [
+            threading.Thread(target=self._copy, args=(stream, fd), daemon=True, name="omni-stage-log")
+            for stream, fd in ((process.stdout, 1), (process.stderr, 2))
+        ]
+        for copier in self._copiers:
+            copier.start()
+
+    def send(self, data: bytes) -> None:
+        self.channel.send(data)
+
+    def is_alive(self) -> bool:
+        return self.process.poll() is None
+
+    def exit_description(self) -> str:
+        try:  # a stage whose channel just closed is exiting
+            code = self.process.wait(EXIT_WAIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            return "closed its connection while running"
+        for copier in self._copiers:  # the last lines may still be on their way
+            copier.join(timeout=1.0)
+        tail = "".join(self.tail).rstrip()
+        return f"exited with code {code}" + (f"; its last output:\n{tail}" if tail else "")
+
+    def stop(self, timeout: float) -> None:
+        """Join, else kill; then whatever is left of the stage's process group (its EngineCore and
+        workers), even when the stage itself died before."""
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        _, alive = psutil.wait_procs(_group_members(self.process.pid), timeout=CHILD_GRACE_SECONDS)
+        for child in alive:
+            child.kill()
+        self.channel.close()
+
+    def _copy(self, stream: IO[bytes], fd: int) -> None:
+        for line in iter(stream.readline, b""):
+            self.tail.append(line.decode(errors="replace"))
+            try:
+                os.write(fd, line)
+            except OSError:  # our own output is closed: keep only the tail
+                pass
+        stream.close()
+
+
+def _stage_environment(config: OmniStageConfig) -> dict[str, str]:
+    """Our environment plus the stage's placement."""
+    environment = dict(os.environ)
+    if config.devices is not None:
+        environment["CUDA_VISIBLE_DEVICES"] = config.devices
+    if config.cpus is not None:
+        environment["VLLM_CPU_OMP_THREADS_BIND"] = config.cpus
+        environment["OMP_NUM_THREADS"] = str(len(parse_cpu_list(config.cpus)))
+    return environment
+
+
+def _group_members(pgid: int) -> list[psutil.Process]:
+    """Live processes of process group ``pgid`` (a stage leads its own group)."""
+    members = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                members.append(process)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            continue
+    return members

@@ -1,0 +1,474 @@
+"""StageManager: one engine per stage, each in its own process; requests flow from stage to stage.
+
+The manager starts every stage through a launcher (local processes by default) and learns each stage's
+limits when it is ready. A request's params are checked against every stage's limits, and the pipeline's
+queue bounds, before the first stage gets it: a request a later stage would refuse costs no compute. When a
+stage finishes a request, the manager calls the next stage's stage-input function (outside its lock) and
+sends the result on; tensors pass through by their shared-memory handle, never copied here. Stages work on
+different requests at once. A stage that dies fails every pending request with an error naming it;
+``shutdown`` stops every process.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+from vllm_omni.config.stage import OmniStageConfig
+from vllm_omni.pipeline.kinds import get_stage_kind
+from vllm_omni.pipeline.launcher import LocalProcessLauncher, StageHandle, StageLauncher
+from vllm_omni.pipeline.outputs import OmniRequestOutput
+from vllm_omni.pipeline.protocol import (
+    AbortRequests,
+    AddRequests,
+    GetStats,
+    Shutdown,
+    StageMessageType,
+    StageOutput,
+    StageRequest,
+)
+from vllm_omni.pipeline.stage_input import StageInput, check_pipeline, get_stage_input, stage_input_of
+from vllm_omni.pipeline.stage_io import SHM_THRESHOLD_BYTES, dumps, loads, new_segment_prefix, sweep, unlink
+
+LIVENESS_SECONDS = 0.2
+"""How often a waiting manager checks that its stages are alive."""
+STOP_TIMEOUT_SECONDS = 30.0
+"""How long ``shutdown`` waits for a stage to exit cleanly before killing it."""
+
+
+class OmniStageError(RuntimeError):
+    """A stage failed to start, died, or its engine failed; the message names the stage."""
+
+
+class OmniQueueFullError(RuntimeError):
+    """A stage's queue bound would be exceeded by the requests already in the pipeline; retry later."""
+
+
+@dataclass
+class _Request:
+    params: list[Any]
+    """The request's params object for each stage."""
+    result: OmniRequestOutput
+    stage: int = 0
+    """The stage serving the request now."""
+    hop_id: str = ""
+    """The request's id in that stage (fresh per hop: a late output of an earlier hop never matches)."""
+    outputs: dict[int, Any] = field(default_factory=dict)
+    """Stage outputs still held: final ones, and non-final ones a later stage reads."""
+    kept: list[str] = field(default_factory=list)
+    """Shared-memory segments of the last output, kept to pass on to the next stage."""
+
+
+class StageManager:
+    """Runs the stages of a pipeline and moves requests through them.
+
+    One thread at a time polls (``poll``, or the background thread of ``start_background``); adds, aborts
+    and stats may come from other threads.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[OmniStageConfig],
+        launcher: StageLauncher | None = None,
+        shm_threshold: int = SHM_THRESHOLD_BYTES,
+        keep_stage_outputs: bool = False,
+    ) -> None:
+        """Start every stage (they load in parallel) and wait until all are ready.
+
+        ``keep_stage_outputs``: also return the outputs of non-final stages (debugging); by default they are
+        freed once handed on.
+        """
+        self.stages = list(stages)
+        check_pipeline(self.stages)
+        self.kinds = [get_stage_kind(stage.engine_type) for stage in self.stages]
+        self.stage_inputs = [get_stage_input(stage_input_of(self.stages, s)) for s in self.stages]
+        self.keep_stage_outputs = keep_stage_outputs
+        self._last_reader = {s.source_stage: s.stage_id for s in self.stages if s.source_stage is not None}
+        self.threshold, self.prefix = shm_threshold, new_segment_prefix()
+        self.limits: list[Any] = [None] * len(self.stages)
+        """What each stage accepts (its kind's limits object), as it reported when ready."""
+        self.handles: list[StageHandle] = []
+        self._finalizer = weakref.finalize(self, _stop_all, self.handles, self.prefix)
+        self._received: queue.Queue = queue.Queue()
+        self.requests: dict[str, _Request] = {}
+        self.dead: OmniStageError | None = None
+        self._hops: dict[str, str] = {}
+        self._serial = count()
+        self._updates: list[OmniRequestOutput] = []
+        self._handoffs: collections.deque[tuple[_Request, int]] = collections.deque()
+        self._replies: dict[int, Any] = {}
+        self._waited: set[int] = set()
+        self._adds: dict[int, list[str]] = {}
+        self._lock = threading.RLock()
+        self._replied = threading.Condition(self._lock)
+        self._stopping = threading.Event()
+        self._pump: threading.Thread | None = None
+        self._deliver: Callable[[list[OmniRequestOutput]], None] | None = None
+        self._last_check = 0.0
+        try:
+            for stage in self.stages:
+                handle = (launcher or LocalProcessLauncher()).launch(
+                    stage, self._received, self.prefix, self.threshold
+                )
+                self.handles.append(handle)
+            self._wait_ready()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ---- requests ----------------------------------------------------------------------------------
+    def add_requests(self, requests: list[tuple[str, Any, list[Any]]], wait: bool = True) -> None:
+        """Send ``(request_id, prompt, params per stage)`` to the first stage.
+
+        Every stage's params are checked first (ValueError naming the stage and the field), and the
+        stages' queue bounds (``OmniQueueFullError``); nothing runs for a refused batch. ``wait``: block
+        until the first stage has validated the prompts (all or none are accepted; a rejection raises its
+        error); otherwise a rejected request ends with an error update.
+        """
+        for _, _, params in requests:
+            self.check_params(params)
+        first = [self.stage_inputs[0](StageInput(prompt, {}, self.stages[0])) for _, prompt, _ in requests]
+        with self._lock:
+            self._raise_if_dead()
+            ids = [request_id for request_id, _, _ in requests]
+            taken = sorted(set(ids) & set(self.requests)) or sorted(_repeated(ids))
+            if taken:
+                raise ValueError(f"request id(s) {taken} already in the pipeline")
+            self._check_capacity(len(requests))
+            for request_id, prompt, params in requests:
+                self.requests[request_id] = _Request(params, OmniRequestOutput(request_id, prompt))
+            try:
+                token = self._send_add(0, [self.requests[i] for i in ids], first, wait)
+                error = self._wait_reply(token) if wait else None
+            except BaseException:
+                self._forget(ids)
+                raise
+            if error is not None:
+                self._forget(ids)
+                raise (ValueError if error[0] == "ValueError" else OmniStageError)(error[1])
+
+    def check_params(self, params: list[Any]) -> None:
+        """Refuse (ValueError naming the stage and the field) params one of the stages would refuse."""
+        for stage, kind, limits, stage_params in zip(
+            self.stages, self.kinds, self.limits, params, strict=True
+        ):
+            try:
+                kind.check_params(limits, stage_params)
+            except ValueError as error:
+                raise ValueError(f"{_name(stage)}: {error}") from None
+
+    def free_slots(self) -> int | None:
+        """How many more requests the pipeline takes now (the tightest stage queue bound); None: no bound."""
+        with self._lock:
+            slots = [bound - in_flight for _, bound, in_flight in self._queue_use()]
+        return max(min(slots), 0) if slots else None
+
+    def _check_capacity(self, num_new: int) -> None:
+        for stage_id, bound, in_flight in self._queue_use():
+            if in_flight + num_new > bound:
+                where = _name(self.stages[stage_id])
+                raise OmniQueueFullError(
+                    f"{where}: {in_flight} requests are in it or on their way to it and it queues at most "
+                    f"{bound}; retry later"
+                )
+
+    def _queue_use(self) -> list[tuple[int, int, int]]:
+        """(stage id, queue bound, requests in it or before it) of every bounded stage."""
+        use = []
+        for stage_id, (kind, limits) in enumerate(zip(self.kinds, self.limits, strict=True)):
+            bound = kind.queue_bound(limits)
+            if bound is not None:
+                use.append((stage_id, bound, sum(r.stage <= stage_id for r in self.requests.values())))
+        return use
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Stop these requests in whichever stage serves them; each ends with an ``aborted`` update."""
+        with self._lock:
+            for request_id in request_ids:
+                request = self.requests.get(request_id)
+                if request is None:
+                    continue
+                if self.dead is None:
+                    self._send(request.stage, AbortRequests([request.hop_id]))
+                self._end(request, error="aborted")
+
+    def poll(self, timeout: float) -> list[OmniRequestOutput]:
+        """Route what the stages sent and hand finished requests on, waiting up to ``timeout`` seconds for
+        news; returns the snapshots of requests that progressed (finished ones with ``finished`` set)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            item = self._receive(min(LIVENESS_SECONDS, max(remaining, 0.0)))
+            with self._lock:
+                while item is not None:
+                    self._route(*item)
+                    item = self._receive(0.0)
+                self._check_alive()
+            self._run_handoffs()
+            with self._lock:
+                if self._updates or remaining <= 0 or self.dead is not None:
+                    return self._take_updates()
+
+    def start_background(self, deliver: Callable[[list[OmniRequestOutput]], None]) -> None:
+        """Poll in a thread of its own from now on, passing each batch of updates to ``deliver``."""
+        self._deliver = deliver
+        self._pump = threading.Thread(target=self._pump_loop, name="omni-stage-manager", daemon=True)
+        self._pump.start()
+
+    def _pump_loop(self) -> None:
+        while not self._stopping.is_set() and self.dead is None:
+            try:
+                updates = self.poll(LIVENESS_SECONDS)
+            except Exception as exc:  # never leave callers waiting on a thread that is gone
+                with self._lock:
+                    self._fail_all(OmniStageError(f"the stage manager failed: {type(exc).__name__}: {exc}"))
+                    updates = self._take_updates()
+            if updates:
+                self._deliver(updates)
+
+    def stage_stats(self, stage_id: int) -> dict[str, int]:
+        """What stage ``stage_id``'s engine holds (requests, bytes), after its next step."""
+        with self._lock:
+            self._raise_if_dead()
+            token = next(self._serial)
+            self._waited.add(token)
+            self._send(stage_id, GetStats(token))
+            return self._wait_reply(token)
+
+    def shutdown(self) -> None:
+        """Stop every stage process (and what they started); pending requests end with an error.
+        Idempotent; also runs at exit."""
+        self._stopping.set()
+        if self._pump is not None and self._pump is not threading.current_thread():
+            self._pump.join()
+        with self._lock:
+            self._fail_all(OmniStageError("the pipeline is shut down"))
+            updates = self._take_updates()
+        if updates and self._deliver is not None:
+            self._deliver(updates)
+        self._finalizer()
+
+    # ---- routing -----------------------------------------------------------------------------------
+    def _receive(self, timeout: float) -> tuple[int, bytes | None] | None:
+        try:
+            return self._received.get(timeout=timeout) if timeout > 0 else self._received.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _route(self, stage_id: int, data: bytes | None) -> None:
+        if data is None:  # the stage's end of the channel closed
+            self._on_dead(stage_id, self.handles[stage_id].exit_description())
+            return
+        message = loads(data)
+        if message.type is StageMessageType.OUTPUTS:
+            for output in message.outputs:
+                self._on_output(stage_id, output)
+        elif message.type is StageMessageType.REPLY:
+            self._on_reply(stage_id, message.token, message.error or message.value)
+        elif message.type is StageMessageType.FAILED:
+            self._on_dead(stage_id, f"failed:\n{message.error}")
+
+    def _on_output(self, stage_id: int, news: StageOutput) -> None:
+        request = self.requests.get(self._hops.get(news.request_id, ""))
+        if request is None:  # aborted or failed meanwhile: drop it (and free its segments)
+            loads(news.payload)
+            return
+        stage, last = self.stages[stage_id], stage_id == len(self.stages) - 1
+        hands_on = news.finished and news.error is None and not last
+        kept: list[str] = []
+        output = loads(news.payload, keep=kept if hands_on else None)
+        request.outputs[stage_id] = output
+        if stage.final_output or self.keep_stage_outputs:
+            request.result.stage_outputs[stage_id] = output
+        if stage.final_output:
+            self.kinds[stage_id].merge_output(request.result, output)
+        if news.error:
+            self._end(request, error=f"{_name(stage)}: {news.error}")
+        elif news.finished and last:
+            self._end(request, stage_id=stage_id)
+        else:
+            if stage.final_output:
+                self._snapshot(request, stage_id)
+            if hands_on:
+                request.kept = kept
+                self._handoffs.append((request, stage_id + 1))
+
+    def _run_handoffs(self) -> None:
+        """Feed the requests that finished a stage to the next one; stage-input functions run unlocked."""
+        while True:
+            with self._lock:
+                if not self._handoffs:
+                    return
+                request, stage_id = self._handoffs.popleft()
+                hop_id = request.hop_id
+                data = StageInput(request.result.prompt, dict(request.outputs), self.stages[stage_id])
+            try:
+                prompt, error = self.stage_inputs[stage_id](data), None
+            except Exception as exc:
+                prompt, error = None, f"{type(exc).__name__}: {exc}"
+            with self._lock:
+                if request.hop_id == hop_id and self.requests.get(request.result.request_id) is request:
+                    self._hand_off(request, stage_id, prompt, error)
+
+    def _hand_off(self, request: _Request, stage_id: int, prompt: Any, error: str | None) -> None:
+        kept, request.kept = request.kept, []
+        forwarded: list[str] = []
+        try:
+            if error is not None:
+                raise ValueError(error)
+            self._send_add(stage_id, [request], [prompt], forwarded=forwarded)
+        except Exception as exc:
+            message = error or f"{type(exc).__name__}: {exc}"
+            self._end(request, error=f"{_name(self.stages[stage_id])}: stage input failed: {message}")
+        finally:
+            unlink([name for name in kept if name not in forwarded])
+        for source, last_reader in self._last_reader.items():
+            if last_reader <= stage_id and not self.stages[source].final_output:
+                request.outputs.pop(source, None)  # handed on for good
+
+    def _on_reply(self, stage_id: int, token: int, value: Any) -> None:
+        if token in self._waited:
+            self._replies[token] = value
+            self._replied.notify_all()
+            return
+        hop_ids = self._adds.pop(token, [])
+        if value is None:  # accepted
+            return
+        for hop_id in hop_ids:
+            request = self.requests.get(self._hops.get(hop_id, ""))
+            if request is not None:
+                self._end(request, error=f"{_name(self.stages[stage_id])}: {value[0]}: {value[1]}")
+
+    def _snapshot(self, request: _Request, stage_id: int) -> None:
+        result = request.result
+        outputs = dict(result.stage_outputs)
+        self._updates.append(dataclasses.replace(result, stage_outputs=outputs, stage_id=stage_id))
+
+    def _end(self, request: _Request, stage_id: int | None = None, error: str | None = None) -> None:
+        """The request leaves the pipeline (done, failed or aborted)."""
+        self._forget([request.result.request_id])
+        unlink(request.kept)
+        result = request.result
+        result.stage_id, result.finished, result.error = stage_id, True, error
+        self._updates.append(result)
+
+    def _take_updates(self) -> list[OmniRequestOutput]:
+        updates, self._updates = self._updates, []
+        return updates
+
+    def _forget(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            request = self.requests.pop(request_id, None)
+            if request is not None:
+                self._hops.pop(request.hop_id, None)
+
+    # ---- plumbing ----------------------------------------------------------------------------------
+    def _send(self, stage_id: int, message: Any, forwarded: list[str] | None = None) -> None:
+        self.handles[stage_id].send(dumps(message, self.threshold, self.prefix, forwarded))
+
+    def _send_add(
+        self,
+        stage_id: int,
+        requests: list[_Request],
+        prompts: list[Any],
+        wait: bool = False,
+        forwarded: list[str] | None = None,
+    ) -> int:
+        """Send requests to ``stage_id`` under fresh hop ids; returns the token of the stage's answer."""
+        items = []
+        for request, prompt in zip(requests, prompts, strict=True):
+            self._hops.pop(request.hop_id, None)
+            request.stage, request.hop_id = stage_id, f"{request.result.request_id}#{next(self._serial)}"
+            self._hops[request.hop_id] = request.result.request_id
+            items.append(StageRequest(request.hop_id, prompt, request.params[stage_id]))
+        token = next(self._serial)
+        if wait:
+            self._waited.add(token)
+        else:
+            self._adds[token] = [item.request_id for item in items]
+        self._send(stage_id, AddRequests(token, items), forwarded)
+        return token
+
+    def _wait_reply(self, token: int) -> Any:
+        """The stage's reply to ``token`` (call with the lock held); routes meanwhile unless a background
+        thread does (hand-offs wait for the next ``poll``)."""
+        try:
+            while token not in self._replies:
+                self._raise_if_dead()
+                if self._pump is not None:
+                    self._replied.wait(LIVENESS_SECONDS)
+                elif (item := self._receive(LIVENESS_SECONDS)) is not None:
+                    self._route(*item)
+            return self._replies.pop(token)
+        finally:
+            self._waited.discard(token)
+
+    def _wait_ready(self) -> None:
+        ready: set[int] = set()
+        while len(ready) < len(self.stages):
+            self._raise_if_dead()
+            item = self._receive(LIVENESS_SECONDS)
+            if item is None:
+                self._check_alive()
+                continue
+            stage_id, data = item
+            name = _name(self.stages[stage_id])
+            if data is None:
+                raise OmniStageError(f"{name} {self.handles[stage_id].exit_description()}")
+            message = loads(data)
+            if message.type is StageMessageType.READY:
+                self.limits[stage_id] = message.limits
+                ready.add(stage_id)
+            elif message.type is StageMessageType.START_FAILED:
+                how = self.handles[stage_id].exit_description()
+                raise OmniStageError(f"{name} failed to start:\n{message.error}{name} {how}")
+
+    def _check_alive(self) -> None:
+        now = time.monotonic()
+        if self.dead is not None or now - self._last_check < LIVENESS_SECONDS:
+            return
+        self._last_check = now
+        for stage, handle in zip(self.stages, self.handles, strict=False):
+            if not handle.is_alive():
+                self._on_dead(stage.stage_id, handle.exit_description())
+                return
+
+    def _on_dead(self, stage_id: int, how: str) -> None:
+        self._fail_all(OmniStageError(f"{_name(self.stages[stage_id])} {how}"))
+
+    def _fail_all(self, error: OmniStageError) -> None:
+        """Mark the pipeline dead (the first cause wins) and end every pending request with the cause."""
+        self.dead = self.dead or error
+        for request in list(self.requests.values()):
+            self._end(request, error=str(self.dead))
+
+    def _raise_if_dead(self) -> None:
+        self._check_alive()
+        if self.dead is not None:
+            raise self.dead
+
+
+def _repeated(ids: list[str]) -> set[str]:
+    seen: set[str] = set()
+    return {i for i in ids if i in seen or seen.add(i)}
+
+
+def _name(stage: OmniStageConfig) -> str:
+    return f"stage {stage.stage_id} ({stage.engine_type})"
+
+
+def _stop_all(handles: list[StageHandle], prefix: str) -> None:
+    for handle in handles:
+        if handle.is_alive():
+            handle.send(dumps(Shutdown()))
+    for handle in handles:
+        handle.stop(STOP_TIMEOUT_SECONDS)
+    sweep(prefix)

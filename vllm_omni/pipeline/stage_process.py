@@ -1,0 +1,171 @@
+"""A stage's own process: build the stage's engine, then serve the manager's messages until told to stop.
+
+The launcher starts ``python -c "from vllm_omni.pipeline.stage_process import main; main()"``: a fresh
+interpreter that never imports the user's ``__main__`` (scripts without a main guard, ``python -c`` and
+code on stdin all work). It reads its :class:`StageBootstrap` from stdin and talks to the manager over the
+channel whose socket it inherited. The messages are those of ``vllm_omni.pipeline.protocol``.
+
+The process leads a process group of its own (what it starts, e.g. vLLM's EngineCore, joins it, so the
+launcher can stop them all; Ctrl-C at a terminal reaches only the manager, which shuts the stages down).
+When the manager is gone (its end of the channel closes) the stage stops at once, unlinking the
+pipeline's shared memory: a killed manager leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vllm_omni.config.stage import OmniStageConfig, parse_cpu_list
+from vllm_omni.pipeline.channel import Channel
+from vllm_omni.pipeline.kinds.base import StageEngine, StageKind
+from vllm_omni.pipeline.protocol import (
+    AbortRequests,
+    AddRequests,
+    StageFailed,
+    StageMessageType,
+    StageOutput,
+    StageOutputs,
+    StageReady,
+    StageReply,
+    StageStartFailed,
+)
+from vllm_omni.pipeline.stage_io import dumps, loads, sweep
+
+
+@dataclass(frozen=True)
+class StageBootstrap:
+    """What a stage process needs to start."""
+
+    config: OmniStageConfig
+    kind: StageKind
+    """The stage's kind, resolved in the manager's process (pickled by reference to its module)."""
+    channel_fd: int
+    """The inherited socket of the stage's end of the channel."""
+    segment_prefix: str
+    """The pipeline's shared-memory name prefix."""
+    shm_threshold: int
+    """Tensors of at least this many bytes travel in shared memory."""
+
+
+def main() -> None:
+    """Entry point of a stage process: sys.path, then the bootstrap, from stdin."""
+    sys.path[:] = pickle.load(sys.stdin.buffer)  # the manager's, before anything of its is unpickled
+    bootstrap: StageBootstrap = pickle.load(sys.stdin.buffer)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    config = bootstrap.config
+    if config.cpus is not None:  # inherited by what the stage starts (vLLM's EngineCore, workers)
+        os.sched_setaffinity(0, parse_cpu_list(config.cpus))
+    inbox: queue.Queue = queue.Queue()
+    loading = [True]
+    channel = Channel(socket.socket(fileno=bootstrap.channel_fd), inbox, on_closed=lambda: _orphaned(loading))
+
+    def dump(obj: object) -> bytes:
+        return dumps(obj, bootstrap.shm_threshold, bootstrap.segment_prefix)
+
+    try:
+        engine = bootstrap.kind.make_engine(config)
+    except BaseException:
+        loading[0] = False
+        channel.send(dump(StageStartFailed(config.stage_id, traceback.format_exc())))
+        channel.close()
+        sys.exit(1)
+    loading[0] = False
+    channel.send(dump(StageReady(config.stage_id, engine.limits())))
+    try:
+        orphaned = StageLoop(config.stage_id, engine, inbox, channel, dump).run()
+    except BaseException:
+        channel.send(dump(StageFailed(config.stage_id, traceback.format_exc())))
+        raise
+    finally:
+        engine.close()
+        channel.close()
+    if orphaned:  # nobody consumes the pipeline's segments any more
+        sweep(bootstrap.segment_prefix)
+
+
+def _orphaned(loading: list[bool]) -> None:
+    """The manager is gone: a stage still loading its engine stops with what it started, at once."""
+    if loading[0]:
+        os.killpg(0, signal.SIGKILL)
+
+
+class StageLoop:
+    """Applies the manager's messages, then runs one engine step while work is queued.
+
+    Stats are answered after the step that follows them, so they show the engine once the messages
+    before them took effect (e.g. an abort's memory freed).
+    """
+
+    def __init__(
+        self, stage_id: int, engine: StageEngine, inbox: queue.Queue, channel: Channel, dump: Callable
+    ) -> None:
+        self.stage_id, self.engine, self.inbox, self.channel, self.dump = (
+            stage_id,
+            engine,
+            inbox,
+            channel,
+            dump,
+        )
+        self.active: set[str] = set()
+
+    def send(self, message: object) -> None:
+        self.channel.send(self.dump(message))
+
+    def run(self) -> bool:
+        """Serve until told to stop (returns False) or until the manager is gone (returns True)."""
+        while True:
+            stats = []
+            for message in self._receive(block=not self.engine.has_unfinished_requests()):
+                if message is None:
+                    return True
+                if message.type is StageMessageType.SHUTDOWN:
+                    return False
+                if message.type is StageMessageType.GET_STATS:
+                    stats.append(message)
+                else:
+                    self._apply(message)
+            if self.engine.has_unfinished_requests():
+                self._step()
+            for message in stats:
+                self.send(StageReply(self.stage_id, message.token, self.engine.stats()))
+
+    def _receive(self, block: bool) -> list:
+        """Messages waiting in the inbox (``None`` when the manager is gone); waits for one if ``block``."""
+        messages = []
+        try:
+            item = self.inbox.get(block=block)
+            while True:
+                data = item[1]
+                messages.append(None if data is None else loads(data))
+                item = self.inbox.get_nowait()
+        except queue.Empty:
+            return messages
+
+    def _apply(self, message: AddRequests | AbortRequests) -> None:
+        if message.type is StageMessageType.ADD:
+            error = None
+            try:
+                self.engine.add(message.requests)
+                self.active.update(request.request_id for request in message.requests)
+            except Exception as exc:
+                error = (type(exc).__name__, str(exc))
+            self.send(StageReply(self.stage_id, message.token, error=error))
+        elif message.type is StageMessageType.ABORT:
+            ids = [request_id for request_id in message.request_ids if request_id in self.active]
+            self.active.difference_update(ids)
+            self.engine.abort(ids)
+
+    def _step(self) -> None:
+        events = [event for event in self.engine.step() if event.request_id in self.active]
+        self.active.difference_update(event.request_id for event in events if event.finished)
+        if events:
+            outputs = [StageOutput(e.request_id, e.finished, e.error, self.dump(e.output)) for e in events]
+            self.send(StageOutputs(self.stage_id, outputs))
