@@ -34,7 +34,8 @@ def main() -> None:
 
         args.z_image, args.llm = tiny_model_path("z_image"), args.llm or tiny_model_path("qwen3")
     dit_options = dict(num_inference_steps=args.steps, height=args.size, width=args.size)
-    encoder = create_ar_stage_config(0, args.llm, ["text"], ["hidden_states"], final_output=False,
+    # final_output=True: the prompt hidden states come back with each result too (printed below)
+    encoder = create_ar_stage_config(0, args.llm, ["text"], ["hidden_states"], final_output=True,
                                      stage_input="chat_template", prompt_hidden_states_layer=-2,
                                      dtype="float32", max_model_len=1024)  # fmt: skip
     dit = create_dit_stage_config(1, args.z_image, ["hidden_states"], ["image"], **dit_options)

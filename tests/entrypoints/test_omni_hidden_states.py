@@ -28,7 +28,7 @@ def outputs():
                                      prompt_hidden_states_layer=-2, dtype="float32", max_model_len=1024,
                                      enforce_eager=True)  # fmt: skip
     dit = create_dit_stage_config(1, tiny_model_path("z_image"), ["hidden_states"], ["image"], **DIT)
-    omni = OmniLLM([encoder, dit])
+    omni = OmniLLM([encoder, dit], keep_stage_outputs=True)  # the handed-on hidden states are compared
     try:
         yield omni.generate(PROMPTS, [{"max_tokens": 1}, DIT_PARAMS], use_tqdm=False)
     finally:
