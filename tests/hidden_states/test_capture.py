@@ -28,7 +28,7 @@ class FakeRunner:
         }
 
     def step(self, capturer, schedule: dict[str, tuple[int, int]], aux: bool = False):
-        """Run ``capturer.capture`` for a batch computing positions ``first..first+n`` per request."""
+        """Run ``capturer.after_execute`` for a batch computing positions ``first..first+n`` per request."""
         req_ids = list(schedule)
         rows = [self.truth[r][first : first + n] for r, (first, n) in schedule.items()]
         counts = [n for _, n in schedule.values()]
@@ -42,7 +42,7 @@ class FakeRunner:
             aux_hidden_states=[source] if aux else None,
             scheduler_output=SimpleNamespace(num_scheduled_tokens=dict(zip(req_ids, counts, strict=True))),
         )
-        capturer.capture(self)
+        capturer.after_execute(self)
         return capturer.take()
 
     def prompt(self, req_id: str) -> torch.Tensor:

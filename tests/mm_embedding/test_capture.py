@@ -33,7 +33,7 @@ def runner_with(batch_output: torch.Tensor, **extra_args):
 
 
 def step(capturer, runner, num_tokens: int):
-    capturer.capture(runner, SimpleNamespace(num_scheduled_tokens={"r": num_tokens}))
+    capturer.after_gather(runner, SimpleNamespace(num_scheduled_tokens={"r": num_tokens}))
     runner.requests["r"].num_computed_tokens += num_tokens
     return capturer.take()
 

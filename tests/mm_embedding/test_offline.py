@@ -134,5 +134,6 @@ def test_disabled_captures_nothing(llava_llm):
     output = llava_llm.generate(image_request(random_image(10)), GREEDY)[0].outputs[0]
     assert output.mm_embedding is None and output.mm_embedding_items is None
     report = engine_report(llava_llm)
-    assert report["engine_core"]["mm_embedding_requests"] == 0
+    assert report["engine_core"]["mm_embedding_requests"] is None  # vLLM's own scheduler: no collector
     assert report["workers"][0]["mm_embedding_requests"] is None  # no capturer: nothing captured
+    assert llava_llm.llm_engine.vllm_config.scheduler_config.scheduler_cls is None

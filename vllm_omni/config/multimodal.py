@@ -18,3 +18,10 @@ class OmniMultiModalConfig(MultiModalConfig):
 def swap_multimodal_config(module) -> None:
     """Make ``vllm.config.multimodal`` hand out the subclass (before ``vllm.config`` imports it)."""
     module.MultiModalConfig = OmniMultiModalConfig
+
+
+def returns_mm_embedding(vllm_config) -> bool:
+    """Whether the engine of ``vllm_config`` returns multimodal embeddings (``None``: no engine config)."""
+    model_config = None if vllm_config is None else vllm_config.model_config
+    mm_config = None if model_config is None else model_config.multimodal_config
+    return bool(getattr(mm_config, "enable_return_mm_embedding", False))

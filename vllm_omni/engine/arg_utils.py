@@ -6,6 +6,8 @@
 ``LLM(..., return_prompt_hidden_states=True, prompt_hidden_states_layer=-2)`` (CLI
 ``--return-prompt-hidden-states --prompt-hidden-states-layer -2``) lands in
 ``vllm_config.additional_config["omni_prompt_hidden_states"]`` (``vllm_omni.config.prompt_hidden_states``).
+With either feature on, ``create_engine_config`` also names the EngineCore scheduler that collects their
+per-request data (``scheduler_config.scheduler_cls``, see ``vllm_omni.v1.core.sched.output_collectors``).
 """
 
 import argparse
@@ -57,12 +59,27 @@ class OmniEngineArgs(EngineArgs):
             )
         vllm_config = super().create_engine_config(usage_context, headless)
         phs.check_engine_config(vllm_config)
+        use_per_request_outputs(vllm_config)
         return vllm_config
 
 
 @dataclass
 class OmniAsyncEngineArgs(AsyncEngineArgs, OmniEngineArgs):
     """vLLM's async engine arguments plus vllm-omni's."""
+
+
+def use_per_request_outputs(vllm_config: VllmConfig) -> None:
+    """For engines with a feature that sends per-request data from the workers: check that the workers
+    run the model runner the captures hook, and pick the EngineCore scheduler that collects the data
+    (``scheduler_cls``). Engines without such a feature keep vLLM's scheduler."""
+    # Imported here: the scheduler modules are needed only when the engine is built.
+    from vllm_omni.v1.core.sched.output_collectors import enabled_arguments, use_collecting_scheduler
+    from vllm_omni.v1.worker.runner_output import check_model_runner
+
+    arguments = enabled_arguments(vllm_config)
+    if arguments:
+        check_model_runner(vllm_config, arguments)
+        use_collecting_scheduler(vllm_config, arguments)
 
 
 def add_omni_cli_args(parser: argparse.ArgumentParser) -> None:

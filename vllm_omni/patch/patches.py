@@ -1,11 +1,14 @@
 """THE list of every change vllm-omni makes to vLLM 0.32.
 
-Each entry names the vLLM module whose import triggers it, the function that makes the change, what
-changes, and why. ``vllm_omni.patch.registry`` applies them; ``tests/patch/test_canary.py`` pins the
-signature of every vLLM callable listed in ``wraps``. Add a change here or nowhere.
+``PATCHES``: each entry names the vLLM module whose import triggers it, the function that makes the
+change, what changes, and why. ``vllm_omni.patch.registry`` applies them.
+``EXTENSIONS``: classes vLLM builds through its own extension points (a config setting), chosen only for
+engines with a feature on that needs them.
+``tests/patch/test_canary.py`` pins the signature of every vLLM callable listed in ``wraps`` and
+``overrides``. Add a change here or nowhere.
 """
 
-from vllm_omni.patch.registry import Patch
+from vllm_omni.patch.registry import Extension, Patch
 
 PATCHES: tuple[Patch, ...] = (
     # --- Multimodal-embedding return (docs/features/mm_embedding_return.md); the per-request output
@@ -28,12 +31,15 @@ PATCHES: tuple[Patch, ...] = (
         reason="LLM(..., enable_return_mm_embedding=True, return_prompt_hidden_states=True, "
         "prompt_hidden_states_layer=-2), EngineArgs, AsyncEngineArgs and their `vllm serve` flags need "
         "the arguments; EngineArgs(**kwargs) rejects unknown keywords before any plugin runs. The "
-        "prompt hidden-state settings go into additional_config (part of the compile hash).",
+        "prompt hidden-state settings go into additional_config (part of the compile hash). With "
+        "either feature on, the engine config names the collecting scheduler (EXTENSIONS) and must "
+        "use the V1 model runner.",
         before_first_use=True,
         wraps=(
             "vllm.engine.arg_utils:EngineArgs.add_cli_args",
             "vllm.engine.arg_utils:EngineArgs.create_model_config",
             "vllm.engine.arg_utils:EngineArgs.create_engine_config",
+            "vllm.config.scheduler:SchedulerConfig.get_scheduler_cls",
         ),
         vllm_tests=(
             "tests/engine/test_arg_utils.py",
@@ -62,38 +68,6 @@ PATCHES: tuple[Patch, ...] = (
         "struct, zero-copy tensor buffers); msgspec structs cannot gain a field in place.",
         before_first_use=True,
         vllm_tests=("tests/v1/test_serial_utils.py",),
-    ),
-    Patch(
-        name="mm_capture_model_runner",
-        module="vllm.v1.worker.gpu_model_runner",
-        apply="vllm_omni.v1.worker.mm_embedding_capture:patch_model_runner",
-        target="vllm.v1.worker.gpu_model_runner:GPUModelRunner (base of CPUModelRunner)",
-        reason="Capture each request's encoder outputs from the encoder cache when they are gathered "
-        "(encoder runs, cache hits, chunked prefill) and send them on ModelRunnerOutput.",
-        wraps=(
-            "vllm.v1.worker.gpu_model_runner:GPUModelRunner._gather_mm_embeddings",
-            "vllm.v1.worker.gpu_model_runner:GPUModelRunner._update_states",
-            "vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model",
-            "vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens",
-        ),
-        vllm_tests=(
-            "tests/v1/worker/test_gpu_model_runner_mm_gather.py",
-            "tests/v1/worker/test_encoder_runner.py",
-        ),
-    ),
-    Patch(
-        name="mm_collect_scheduler",
-        module="vllm.v1.core.sched.scheduler",
-        apply="vllm_omni.v1.core.sched.mm_embedding:patch_scheduler",
-        target="vllm.v1.core.sched.scheduler:Scheduler.update_from_output, _free_request "
-        "(one wrap shared by every collector: vllm_omni.v1.core.sched.output_collectors)",
-        reason="Collect items per request in the EngineCore and attach them, once, to the request's "
-        "first output after all arrived; forget finished and aborted requests.",
-        wraps=(
-            "vllm.v1.core.sched.scheduler:Scheduler.update_from_output",
-            "vllm.v1.core.sched.scheduler:Scheduler._free_request",
-        ),
-        vllm_tests=("tests/v1/core/test_scheduler.py", "tests/v1/core/test_encoder_cache_manager.py"),
     ),
     Patch(
         name="sampling_params_options",
@@ -173,39 +147,33 @@ PATCHES: tuple[Patch, ...] = (
             "vllm.entrypoints.openai.completion.serving:OpenAIServingCompletion.request_output_to_completion_response",
         ),
     ),
-    # --- Prompt hidden states (docs/features/prompt_hidden_states.md); shares the entries above ---
+    # --- Per-request data from the workers (mm_embedding and prompt hidden states); the EngineCore side
+    # is an extension (EXTENSIONS below) ---
     Patch(
-        name="phs_capture_model_runner",
+        name="request_capture_model_runner",
         module="vllm.v1.worker.gpu_model_runner",
-        apply="vllm_omni.v1.worker.prompt_hidden_states_capture:patch_model_runner",
-        target="vllm.v1.worker.gpu_model_runner:GPUModelRunner (base of CPUModelRunner)",
-        reason="Ask the model for the configured layer's auxiliary hidden states at load (EAGLE-3's "
-        "path, before any compile), copy each opted-in request's prompt rows after every forward pass "
-        "(chunked prefill, preemption) and send them once on ModelRunnerOutput; free on finish/abort.",
+        apply="vllm_omni.v1.worker.request_captures:patch_model_runner",
+        target="vllm.v1.worker.gpu_model_runner:GPUModelRunner (base of CPUModelRunner): aux setup, "
+        "update, gather, execute, sample; one wrap each, shared by every capture",
+        reason="Capture per request in the worker and send it on ModelRunnerOutput: mm_embedding reads "
+        "each item from the encoder cache when it is gathered (encoder runs, cache hits, chunked "
+        "prefill); prompt hidden states ask the model for the layer's auxiliary output at load "
+        "(EAGLE-3's path, before any compile) and copy each opted-in request's prompt rows after every "
+        "forward pass. Finished and aborted requests are freed. vLLM has no setting for the runner "
+        "class (docs/patch_layer.md); on engines without these features the wraps call straight through.",
         wraps=(
             "vllm.v1.worker.gpu_model_runner:GPUModelRunner._setup_eagle3_aux_hidden_state_outputs",
             "vllm.v1.worker.gpu_model_runner:GPUModelRunner._update_states",
+            "vllm.v1.worker.gpu_model_runner:GPUModelRunner._gather_mm_embeddings",
             "vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model",
             "vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens",
         ),
         vllm_tests=(
             "tests/v1/worker/test_gpu_model_runner.py",
+            "tests/v1/worker/test_gpu_model_runner_mm_gather.py",
+            "tests/v1/worker/test_encoder_runner.py",
             "tests/v1/worker/test_eagle3_aux_hidden_states_pp.py",
         ),
-    ),
-    Patch(
-        name="phs_collect_scheduler",
-        module="vllm.v1.core.sched.scheduler",
-        apply="vllm_omni.v1.core.sched.prompt_hidden_states:patch_scheduler",
-        target="vllm.v1.core.sched.scheduler:Scheduler.update_from_output, _free_request "
-        "(the wrap shared with mm_collect_scheduler)",
-        reason="Put a request's prompt hidden states on its next EngineCoreOutput (the first one), "
-        "once; forget finished and aborted requests.",
-        wraps=(
-            "vllm.v1.core.sched.scheduler:Scheduler.update_from_output",
-            "vllm.v1.core.sched.scheduler:Scheduler._free_request",
-        ),
-        vllm_tests=("tests/v1/core/test_scheduler.py", "tests/v1/core/test_async_scheduler.py"),
     ),
     # --- Multimodal Qwen3: named embeddings in chat messages ---
     Patch(
@@ -278,5 +246,27 @@ PATCHES: tuple[Patch, ...] = (
         reason="`vllm run-batch` has the same distribution-name lookup as `vllm serve`.",
         wraps=("importlib.metadata:version",),
         vllm_tests=("tests/entrypoints/launchers/test_run_batch.py",),
+    ),
+)
+
+EXTENSIONS: tuple[Extension, ...] = (
+    Extension(
+        name="collecting_scheduler",
+        setting="SchedulerConfig.scheduler_cls",
+        classes=(
+            "vllm_omni.v1.core.sched.output_collectors:OmniScheduler",
+            "vllm_omni.v1.core.sched.output_collectors:OmniAsyncScheduler",
+        ),
+        when="enable_return_mm_embedding or return_prompt_hidden_states on: OmniEngineArgs."
+        "create_engine_config names the subclass of the scheduler vLLM would build (AsyncScheduler "
+        "under async scheduling); a user's scheduler_cls must mix in OutputCollectingScheduler",
+        reason="Collect the per-request data the workers send on ModelRunnerOutput in the EngineCore, "
+        "attach it once to the request's EngineCoreOutput (mm_embedding: after all items arrived), "
+        "forget finished and aborted requests.",
+        overrides=(
+            "vllm.v1.core.sched.scheduler:Scheduler.update_from_output",
+            "vllm.v1.core.sched.scheduler:Scheduler._free_request",
+        ),
+        vllm_tests=("tests/v1/core/test_scheduler.py", "tests/v1/core/test_async_scheduler.py"),
     ),
 )

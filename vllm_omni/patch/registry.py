@@ -51,6 +51,34 @@ class Patch:
     vllm_tests: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Extension:
+    """A change made through one of vLLM's own extension points: a config setting naming a class.
+
+    Nothing is patched: the setting is made where the engine config is built, and only for engines
+    with a feature on that needs it; every other engine runs vLLM's class unchanged.
+
+    Attributes:
+        name: Short identifier, unique in the list.
+        setting: The vLLM config field, e.g. ``"SchedulerConfig.scheduler_cls"``.
+        classes: ``"package.module:Class"`` of each class the setting may name.
+        when: Which engines get it and where the setting is made.
+        reason: Why the change is needed (what upstream lacks).
+        overrides: ``"module:qualname"`` of every vLLM method those classes override (calling
+            through); the canary test checks the list against the classes and pins the signatures.
+        vllm_tests: vLLM's own test files of the classes extended; ``scripts/vllm_upstream_tests.py``
+            runs them with each of ``classes`` in place of the vLLM class it extends.
+    """
+
+    name: str
+    setting: str
+    classes: tuple[str, ...]
+    when: str
+    reason: str
+    overrides: tuple[str, ...] = ()
+    vllm_tests: tuple[str, ...] = ()
+
+
 @dataclass
 class PatchState:
     """What the layer did in this process."""

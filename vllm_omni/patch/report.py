@@ -33,7 +33,7 @@ def add_engine_core_utility(module) -> None:
     """Give ``EngineCore`` an ``omni_patch_report`` utility method (clients call it by name).
 
     Beside the layer's state it counts the requests whose mm_embedding items or prompt hidden states
-    the scheduler holds.
+    the scheduler holds (``None`` while a feature is off: vLLM's own scheduler runs).
     """
 
     def omni_patch_report(self) -> dict[str, Any]:
@@ -41,9 +41,9 @@ def add_engine_core_utility(module) -> None:
         from vllm_omni.v1.core.sched.output_collectors import collector
         from vllm_omni.v1.core.sched.prompt_hidden_states import PromptHiddenStatesCollector
 
-        def held(collector_cls) -> int:
+        def held(collector_cls) -> int | None:
             active = collector(self.scheduler, collector_cls)
-            return len(active.requests) if active else 0
+            return None if active is None else len(active.requests)
 
         return {
             **process_report(),
@@ -62,16 +62,20 @@ def add_worker_method(module) -> None:
     """
 
     def omni_patch_report(self) -> dict[str, Any]:
+        from vllm_omni.v1.worker.mm_embedding_capture import MMEmbeddingCapturer
+        from vllm_omni.v1.worker.prompt_hidden_states_capture import PromptHiddenStatesCapturer
+        from vllm_omni.v1.worker.request_captures import capture_of
+
         runner = getattr(self, "model_runner", None)
 
-        def tracked(attr: str) -> int | None:
-            capturer = getattr(runner, attr, None)
-            return capturer.num_tracked() if capturer else None
+        def tracked(capture_cls) -> int | None:
+            capture = None if runner is None else capture_of(runner, capture_cls)
+            return None if capture is None else capture.num_tracked()
 
         return {
             **process_report(),
-            "mm_embedding_requests": tracked("_omni_mm_capturer"),
-            "prompt_hidden_states_requests": tracked("_omni_phs_capturer"),
+            "mm_embedding_requests": tracked(MMEmbeddingCapturer),
+            "prompt_hidden_states_requests": tracked(PromptHiddenStatesCapturer),
         }
 
     module.WorkerBase.omni_patch_report = omni_patch_report

@@ -5,7 +5,8 @@ all requests with that item (a cache hit skips the encoder). So capture reads th
 the runner gathers a request's items for its forward pass, which covers encoder runs, cache hits and
 chunked prefill alike. Each item is pooled/cast as asked on its device and copied to the host once,
 then leaves the worker in the next ``ModelRunnerOutput`` (attribute ``mm_embeddings``); nothing is kept
-after a request finishes. With the feature off the wrappers call straight through.
+after a request finishes. The model-runner wraps that call it are shared with the other captures
+(``vllm_omni.v1.worker.request_captures``); with the feature off the runner has no such capturer.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 
 import torch
 
+from vllm_omni.config.multimodal import returns_mm_embedding
 from vllm_omni.multimodal.mm_embedding import MMEmbeddingParams
 from vllm_omni.v1.worker.runner_output import RequestCapture
 
@@ -27,12 +29,19 @@ OUTPUT_ATTR = "mm_embeddings"
 class MMEmbeddingCapturer(RequestCapture):
     """Per-request capture state inside one worker's model runner."""
 
+    output_attr = OUTPUT_ATTR
+
     def __init__(self) -> None:
         self.captured: dict[str, set[int]] = {}  # req_id -> item indices already copied
         self.pending: CapturedItems = {}  # copied, not yet sent
         self._params: dict[str, MMEmbeddingParams] = {}
 
-    def capture(self, runner, scheduler_output, shift_computed_tokens: int = 0) -> None:
+    @classmethod
+    def from_runner(cls, runner) -> MMEmbeddingCapturer | None:
+        """A capturer when the runner's engine returns mm embeddings (bare test runners have no config)."""
+        return cls() if returns_mm_embedding(getattr(runner, "vllm_config", None)) else None
+
+    def after_gather(self, runner, scheduler_output, shift_computed_tokens: int = 0) -> None:
         """Copy the items that this step's forward reaches for the first time, per request."""
         for req_id in runner.input_batch.req_ids:
             state = runner.requests[req_id]
@@ -73,53 +82,3 @@ class MMEmbeddingCapturer(RequestCapture):
             # whole encoder batch, which would travel whole to the EngineCore. This is the one copy.
             host = host.clone()
         self.pending.setdefault(req_id, []).append((index, feature.modality, host))
-
-
-def _capturer(runner) -> MMEmbeddingCapturer | None:
-    """The runner's capturer, created on first use; ``None`` when the feature is off."""
-    capturer = runner.__dict__.get("_omni_mm_capturer")
-    if capturer is None:
-        model_config = getattr(runner, "model_config", None)  # absent on bare runners of vLLM's unit tests
-        mm_config = None if model_config is None else model_config.multimodal_config
-        enabled = bool(getattr(mm_config, "enable_return_mm_embedding", False))
-        capturer = runner._omni_mm_capturer = MMEmbeddingCapturer() if enabled else False
-    return capturer or None
-
-
-def _attach(runner, output):
-    """Put pending captures on the step's ``ModelRunnerOutput`` (async wrappers included)."""
-    capturer = _capturer(runner)
-    return output if capturer is None else capturer.attach_pending(output, OUTPUT_ATTR)
-
-
-def patch_model_runner(module) -> None:
-    """Wrap ``GPUModelRunner`` (the base of the CPU runner too) to capture, send and free."""
-    runner_cls = module.GPUModelRunner
-    stock_gather = runner_cls._gather_mm_embeddings
-    stock_update = runner_cls._update_states
-    stock_execute = runner_cls.execute_model
-    stock_sample = runner_cls.sample_tokens
-
-    def _gather_mm_embeddings(self, scheduler_output, shift_computed_tokens=0):
-        result = stock_gather(self, scheduler_output, shift_computed_tokens)
-        capturer = _capturer(self)
-        if capturer is not None:
-            capturer.capture(self, scheduler_output, shift_computed_tokens)
-        return result
-
-    def _update_states(self, scheduler_output):
-        capturer = _capturer(self)
-        if capturer is not None:
-            capturer.free_finished(scheduler_output)
-        return stock_update(self, scheduler_output)
-
-    def execute_model(self, *args, **kwargs):
-        return _attach(self, stock_execute(self, *args, **kwargs))
-
-    def sample_tokens(self, *args, **kwargs):
-        return _attach(self, stock_sample(self, *args, **kwargs))
-
-    runner_cls._gather_mm_embeddings = _gather_mm_embeddings
-    runner_cls._update_states = _update_states
-    runner_cls.execute_model = execute_model
-    runner_cls.sample_tokens = sample_tokens

@@ -8,8 +8,11 @@ layer ``k`` as an extra graph output. After each forward pass (``execute_model``
 ``(num_prompt_tokens, hidden)`` at their positions: chunked prefill fills it over several steps, a
 recompute after preemption rewrites the same rows. When the last prompt row is in, the buffer leaves
 with the step's ``ModelRunnerOutput`` (attribute ``prompt_hidden_states``), once per request; nothing
-is kept after the request finishes. With the feature off the wrappers call straight through.
+is kept after the request finishes. The model-runner wraps that call it are shared with the other
+captures (``vllm_omni.v1.worker.request_captures``); with the feature off the runner has no such capturer.
 """
+
+from __future__ import annotations
 
 import logging
 
@@ -32,6 +35,8 @@ class PromptHiddenStatesCapturer(RequestCapture):
         aux_index: vLLM's auxiliary hidden-state index for it, ``None`` for the model's main output.
     """
 
+    output_attr = OUTPUT_ATTR
+
     def __init__(self, layer: int, aux_index: int | None) -> None:
         self.layer = layer
         self.aux_index = aux_index
@@ -39,7 +44,21 @@ class PromptHiddenStatesCapturer(RequestCapture):
         self.pending: dict[str, torch.Tensor] = {}  # complete, not yet sent
         self.sent: set[str] = set()  # complete (sent or pending): a re-prefill is not captured again
 
-    def capture(self, runner) -> None:
+    @classmethod
+    def from_runner(cls, runner) -> PromptHiddenStatesCapturer | None:
+        """A capturer for the configured layer (bare test runners have no config: feature off)."""
+        vllm_config = getattr(runner, "vllm_config", None)
+        layer = None if vllm_config is None else configured_layer(vllm_config)
+        if layer is None:
+            return None
+        return cls(layer, aux_layer_index(layer, vllm_config.model_config.get_total_num_hidden_layers()))
+
+    def after_load(self, runner) -> None:
+        """Ask the model for the layer's auxiliary hidden states (none needed for the last layer)."""
+        if self.aux_index is not None:
+            enable_aux_output(runner, self)
+
+    def after_execute(self, runner) -> None:
         """Copy the prompt rows this step computed for every opted-in request of the batch."""
         state = runner.execute_model_state
         if state is None:  # no forward pass this step
@@ -82,21 +101,6 @@ def _opted_in(request) -> bool:
     return params is not None and requested(params.extra_args)
 
 
-def _capturer(runner) -> PromptHiddenStatesCapturer | None:
-    """The runner's capturer, created on first use; ``None`` when the feature is off."""
-    capturer = runner.__dict__.get("_omni_phs_capturer")
-    if capturer is None:
-        vllm_config = getattr(runner, "vllm_config", None)  # absent on bare runners of vLLM's unit tests
-        layer = None if vllm_config is None else configured_layer(vllm_config)
-        if layer is None:
-            capturer = False
-        else:
-            num_layers = runner.model_config.get_total_num_hidden_layers()
-            capturer = PromptHiddenStatesCapturer(layer, aux_layer_index(layer, num_layers))
-        runner._omni_phs_capturer = capturer
-    return capturer or None
-
-
 def enable_aux_output(runner, capturer: PromptHiddenStatesCapturer) -> None:
     """Make the model return the auxiliary hidden states of ``capturer.aux_index`` (at load time)."""
     layer = capturer.layer
@@ -112,42 +116,4 @@ def enable_aux_output(runner, capturer: PromptHiddenStatesCapturer) -> None:
             f"(auxiliary hidden-state outputs); {type(model).__name__} has none. Use layer -1."
         )
     runner.use_aux_hidden_state_outputs = True
-    runner.model.set_aux_hidden_state_layers((capturer.aux_index,))
-
-
-def patch_model_runner(module) -> None:
-    """Wrap ``GPUModelRunner`` (the base of the CPU runner too) to set up, capture, send and free."""
-    runner_cls = module.GPUModelRunner
-    stock_setup_aux = runner_cls._setup_eagle3_aux_hidden_state_outputs
-    stock_update = runner_cls._update_states
-    stock_execute = runner_cls.execute_model
-    stock_sample = runner_cls.sample_tokens
-
-    def _setup_eagle3_aux_hidden_state_outputs(self):
-        stock_setup_aux(self)
-        capturer = _capturer(self)
-        if capturer is not None and capturer.aux_index is not None:
-            enable_aux_output(self, capturer)
-
-    def _update_states(self, scheduler_output):
-        capturer = _capturer(self)
-        if capturer is not None:
-            capturer.free_finished(scheduler_output)
-        return stock_update(self, scheduler_output)
-
-    def execute_model(self, *args, **kwargs):
-        output = stock_execute(self, *args, **kwargs)
-        capturer = _capturer(self)
-        if capturer is not None:
-            capturer.capture(self)
-        return output
-
-    def sample_tokens(self, *args, **kwargs):
-        output = stock_sample(self, *args, **kwargs)
-        capturer = _capturer(self)
-        return output if capturer is None else capturer.attach_pending(output, OUTPUT_ATTR)
-
-    runner_cls._setup_eagle3_aux_hidden_state_outputs = _setup_eagle3_aux_hidden_state_outputs
-    runner_cls._update_states = _update_states
-    runner_cls.execute_model = execute_model
-    runner_cls.sample_tokens = sample_tokens
+    model.set_aux_hidden_state_layers((capturer.aux_index,))

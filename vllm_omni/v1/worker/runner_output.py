@@ -1,9 +1,13 @@
 """Per-request data a worker sends to the EngineCore as an extra attribute of ``ModelRunnerOutput``.
 
 The attribute travels with vLLM's own output (pickled with it to the EngineCore process), so nothing
-crosses processes on the side. The features that send data this way call ``attach`` from their
-``sample_tokens`` / ``execute_model`` wraps.
+crosses processes on the side. Each feature that sends data this way defines a ``RequestCapture``
+subclass: how it is created from the model runner (``None`` when the feature is off), the hooks it
+needs and its ``output_attr``. ``vllm_omni.v1.worker.request_captures`` installs the model-runner wraps
+that drive every capture.
 """
+
+from __future__ import annotations
 
 import copy
 from collections.abc import Callable
@@ -12,13 +16,32 @@ from typing import Any
 
 class RequestCapture:
     """Per-request state of a worker-side capture: ``pending`` (ready to send) plus the containers
-    ``tracked`` names (dicts or sets keyed by request id), all dropped together when a request ends."""
+    ``tracked`` names (dicts or sets keyed by request id), all dropped together when a request ends.
 
+    The ``after_*`` hooks run right after the model-runner method they name; they do nothing unless a
+    subclass overrides them.
+    """
+
+    output_attr: str  # the ModelRunnerOutput attribute the data travels in: {req_id: data}
     pending: dict[str, Any]
+
+    @classmethod
+    def from_runner(cls, runner) -> RequestCapture | None:
+        """The capture for ``runner``'s engine, ``None`` when its feature is off there."""
+        raise NotImplementedError
 
     def tracked(self) -> tuple[dict | set, ...]:
         """Every per-request container, ``pending`` included."""
         raise NotImplementedError
+
+    def after_load(self, runner) -> None:
+        """After the model is loaded (``_setup_eagle3_aux_hidden_state_outputs``), before any compile."""
+
+    def after_gather(self, runner, scheduler_output, shift_computed_tokens: int = 0) -> None:
+        """After the step's multimodal embeddings are gathered (``_gather_mm_embeddings``)."""
+
+    def after_execute(self, runner) -> None:
+        """After the forward pass (``execute_model``; its state waits for ``sample_tokens``)."""
 
     def take(self) -> dict[str, Any] | None:
         """What became ready since the last call (``None`` when nothing did)."""
@@ -45,9 +68,9 @@ class RequestCapture:
         if scheduler_output.finished_req_ids:
             self.free(scheduler_output.finished_req_ids)
 
-    def attach_pending(self, output, name: str):
-        """``attach`` what is pending as ``name`` on the step's output (unchanged when nothing is)."""
-        return attach(output, name, self.take) if self.pending else output
+    def attach_pending(self, output):
+        """``attach`` what is pending as ``output_attr`` on the step's output (unchanged when nothing is)."""
+        return attach(output, self.output_attr, self.take) if self.pending else output
 
 
 def attach(output, name: str, take: Callable[[], Any]):
@@ -66,3 +89,16 @@ def attach(output, name: str, take: Callable[[], Any]):
         target = output = copy.copy(output)  # never mutate vLLM's shared EMPTY_MODEL_RUNNER_OUTPUT
     setattr(target, name, take())
     return output
+
+
+def check_model_runner(vllm_config, arguments: list[str]) -> None:
+    """Refuse engines whose workers would run a model runner the captures do not hook.
+
+    The captures hook vLLM's V1 ``GPUModelRunner`` (the CPU runner's base); Model Runner V2, vLLM's
+    default on GPUs with Triton, is another class: the features would silently return nothing.
+    """
+    if vllm_config.use_v2_model_runner:
+        raise ValueError(
+            f"{', '.join(arguments)}: not supported with vLLM's Model Runner V2, which this engine would "
+            "use; set VLLM_USE_V2_MODEL_RUNNER=0 (the V1 model runner)"
+        )

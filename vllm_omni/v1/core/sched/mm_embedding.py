@@ -4,7 +4,7 @@ Items arrive on ``ModelRunnerOutput.mm_embeddings`` during the request's prefill
 several chunked-prefill steps). When the request emits its first ``EngineCoreOutput`` with all
 expected items in, they are concatenated in prompt order into ``EngineCoreOutput.mm_embedding`` and
 forgotten. Requests that finish or abort are forgotten too (``Scheduler._free_request``). The
-scheduler wraps are shared with the other per-request outputs (``output_collectors``).
+scheduler that drives it is shared with the other per-request outputs (``output_collectors``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vllm_omni.config.multimodal import returns_mm_embedding
 from vllm_omni.multimodal.mm_embedding import MMEmbeddingParams
-from vllm_omni.v1.core.sched.output_collectors import install
 from vllm_omni.v1.engine.outputs import MMEmbeddingOutput
 from vllm_omni.v1.worker.mm_embedding_capture import OUTPUT_ATTR
 
@@ -31,6 +31,8 @@ class _Collected:
 class MMEmbeddingCollector:
     """Per-request items waiting in the EngineCore for their request's next output."""
 
+    argument = "enable_return_mm_embedding"
+    enabled = staticmethod(returns_mm_embedding)
     runner_attr = OUTPUT_ATTR
     output_attr = "mm_embedding"
 
@@ -64,8 +66,3 @@ class MMEmbeddingCollector:
 
     def discard(self, req_id: str) -> None:
         self.requests.pop(req_id, None)
-
-
-def patch_scheduler(module) -> None:
-    """Collect items per request in ``Scheduler.update_from_output``, forget them in ``_free_request``."""
-    install(module, MMEmbeddingCollector)

@@ -1,75 +1,119 @@
-"""EngineCore side of per-request worker data: collect from ``ModelRunnerOutput``, attach to outputs.
+"""EngineCore side of per-request worker data: a scheduler that collects it and attaches it to outputs.
 
 Each feature that sends per-request data from the workers (an attribute of ``ModelRunnerOutput``, see
-``vllm_omni.v1.worker.runner_output``) has a collector class here, installed by its patch. One wrap of
-``Scheduler.update_from_output`` hands each collector what arrived for the requests it still knows,
-lets stock vLLM build the step's ``EngineCoreOutput``s, then sets each output's field to whatever the
-collector has ready for that request. One wrap of ``Scheduler._free_request`` makes every collector
-forget finished and aborted requests (after their last output is built).
+``vllm_omni.v1.worker.runner_output``) has a collector class, listed in ``COLLECTOR_TYPES``.
+``OutputCollectingScheduler`` is a mixin for vLLM's ``Scheduler``: its ``update_from_output`` hands
+each collector what arrived for the requests it still knows, lets vLLM build the step's
+``EngineCoreOutput``s, then sets each output's field to whatever the collector has ready for that
+request; its ``_free_request`` makes every collector forget finished and aborted requests (after their
+last output is built).
 
-A collector class has ``runner_attr`` (the ``ModelRunnerOutput`` attribute it reads), ``output_attr``
-(the ``OmniEngineCoreOutput`` field it fills), a ``requests`` dict keyed by request id, and the methods
+vLLM builds it through ``SchedulerConfig.scheduler_cls``, which ``use_collecting_scheduler`` sets only
+for engines with such a feature on (``OmniScheduler``, or ``OmniAsyncScheduler`` under async
+scheduling): every other engine runs vLLM's own scheduler, unchanged.
+
+A collector class has ``argument`` (the engine argument that turns it on), ``enabled(vllm_config)``,
+``runner_attr`` (the ``ModelRunnerOutput`` attribute it reads), ``output_attr`` (the
+``OmniEngineCoreOutput`` field it fills), a ``requests`` dict keyed by request id, and the methods
 ``add(request, received)``, ``pop_ready(req_id, finished)`` and ``discard(req_id)``.
 """
 
-from typing import Any
+from __future__ import annotations
 
-_COLLECTOR_TYPES: list[type] = []
-_ATTR = "_omni_collectors"  # on the Scheduler instance: {collector class: collector}
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from vllm_omni.v1.core.sched.mm_embedding import MMEmbeddingCollector
+from vllm_omni.v1.core.sched.prompt_hidden_states import PromptHiddenStatesCollector
+
+COLLECTOR_TYPES: tuple[type, ...] = (MMEmbeddingCollector, PromptHiddenStatesCollector)
 
 
-def collector(scheduler, collector_cls: type):
-    """The scheduler's collector of ``collector_cls`` (``None`` until something arrived for it)."""
-    return scheduler.__dict__.get(_ATTR, {}).get(collector_cls)
+class OutputCollectingScheduler:
+    """Mixin that makes a vLLM ``Scheduler`` (sub)class collect per-request worker data.
 
+    Put it first in the bases of your own scheduler to use that one with these features.
+    """
 
-def install(module, collector_cls: type) -> None:
-    """Register ``collector_cls`` and wrap ``module.Scheduler`` (once for all collectors)."""
-    if collector_cls not in _COLLECTOR_TYPES:
-        _COLLECTOR_TYPES.append(collector_cls)
-    scheduler_cls = module.Scheduler
-    if scheduler_cls.__dict__.get("_omni_collecting"):
-        return
-    stock_update = scheduler_cls.update_from_output
-    stock_free = scheduler_cls._free_request
+    # Class defaults: a scheduler built without __init__ (as some of vLLM's unit tests do) collects nothing.
+    omni_collectors: tuple = ()
+    _omni_updating = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.omni_collectors = tuple(cls() for cls in COLLECTOR_TYPES if cls.enabled(self.vllm_config))
 
     def update_from_output(self, scheduler_output, model_runner_output):
-        collectors = _receive(self, model_runner_output)
+        _receive(self, model_runner_output)
         self._omni_updating = True
         try:
-            engine_core_outputs = stock_update(self, scheduler_output, model_runner_output)
+            engine_core_outputs = super().update_from_output(scheduler_output, model_runner_output)
         finally:
             self._omni_updating = False
-        for active in collectors.values():
-            if active.requests:
-                _attach_ready(self, active, engine_core_outputs)
+        for collector in self.omni_collectors:
+            if collector.requests:
+                _attach_ready(self, collector, engine_core_outputs)
         return engine_core_outputs
 
     def _free_request(self, request, *args, **kwargs):
         # Inside update_from_output the request's final output is not built yet: forget it after.
-        if not self.__dict__.get("_omni_updating"):
-            for active in self.__dict__.get(_ATTR, {}).values():
-                active.discard(request.request_id)
-        return stock_free(self, request, *args, **kwargs)
-
-    scheduler_cls.update_from_output = update_from_output
-    scheduler_cls._free_request = _free_request
-    scheduler_cls._omni_collecting = True
+        if not self._omni_updating:
+            for collector in self.omni_collectors:
+                collector.discard(request.request_id)
+        return super()._free_request(request, *args, **kwargs)
 
 
-def _receive(scheduler, model_runner_output) -> dict[type, Any]:
-    """Hand what the workers sent to the collectors, creating them on first arrival."""
-    collectors = scheduler.__dict__.setdefault(_ATTR, {})
-    for collector_cls in _COLLECTOR_TYPES:
-        received = getattr(model_runner_output, collector_cls.runner_attr, None)
-        if not received:
-            continue
-        active = collectors.get(collector_cls) or collectors.setdefault(collector_cls, collector_cls())
-        for req_id, value in received.items():
+class OmniScheduler(OutputCollectingScheduler, Scheduler):
+    """vLLM's ``Scheduler`` collecting per-request worker data."""
+
+
+class OmniAsyncScheduler(OutputCollectingScheduler, AsyncScheduler):
+    """vLLM's ``AsyncScheduler`` collecting per-request worker data."""
+
+
+_COLLECTING = {Scheduler: OmniScheduler, AsyncScheduler: OmniAsyncScheduler}
+
+
+def collector(scheduler, collector_cls: type):
+    """The scheduler's collector of ``collector_cls`` (``None`` when that feature is off)."""
+    active = getattr(scheduler, "omni_collectors", ())  # vLLM's own scheduler has none
+    return next((c for c in active if isinstance(c, collector_cls)), None)
+
+
+def enabled_arguments(vllm_config) -> list[str]:
+    """The engine arguments of the features on in ``vllm_config`` that send per-request data."""
+    return [cls.argument for cls in COLLECTOR_TYPES if cls.enabled(vllm_config)]
+
+
+def use_collecting_scheduler(vllm_config, arguments: list[str]) -> None:
+    """Make the EngineCore build a collecting scheduler, for the engine ``arguments`` that need one.
+
+    vLLM's ``Scheduler`` / ``AsyncScheduler`` (chosen by default or named in ``scheduler_cls``) become
+    ``OmniScheduler`` / ``OmniAsyncScheduler``; a ``scheduler_cls`` that already collects is kept; any
+    other is refused with ``ValueError``.
+    """
+    scheduler_config = vllm_config.scheduler_config
+    chosen = scheduler_config.get_scheduler_cls()
+    if issubclass(chosen, OutputCollectingScheduler):
+        return
+    collecting = _COLLECTING.get(chosen)
+    if collecting is None:
+        raise ValueError(
+            f"{', '.join(arguments)}: scheduler_cls={scheduler_config.scheduler_cls!r} does not collect "
+            "the per-request data the workers send; put "
+            f"{__name__}.OutputCollectingScheduler first in its bases, or leave scheduler_cls unset"
+        )
+    scheduler_config.scheduler_cls = f"{collecting.__module__}.{collecting.__qualname__}"
+
+
+def _receive(scheduler, model_runner_output) -> None:
+    """Hand what the workers sent to the collectors."""
+    for active in scheduler.omni_collectors:
+        received = getattr(model_runner_output, active.runner_attr, None)
+        for req_id, value in (received or {}).items():
             request = scheduler.requests.get(req_id)
             if request is not None:
                 active.add(request, value)
-    return collectors
 
 
 def _attach_ready(scheduler, active, engine_core_outputs) -> None:

@@ -8,15 +8,21 @@ emit none) and is forgotten, as are requests that finish or abort first (``outpu
 
 import torch
 
-from vllm_omni.v1.core.sched.output_collectors import install
+from vllm_omni.config.prompt_hidden_states import configured_layer
 from vllm_omni.v1.worker.prompt_hidden_states_capture import OUTPUT_ATTR
 
 
 class PromptHiddenStatesCollector:
     """Per-request prompt hidden states waiting in the EngineCore for their request's next output."""
 
+    argument = "return_prompt_hidden_states"
     runner_attr = OUTPUT_ATTR
     output_attr = "prompt_hidden_states"
+
+    @staticmethod
+    def enabled(vllm_config) -> bool:
+        """Whether the engine of ``vllm_config`` returns prompt hidden states."""
+        return configured_layer(vllm_config) is not None
 
     def __init__(self) -> None:
         self.requests: dict[str, torch.Tensor] = {}
@@ -30,8 +36,3 @@ class PromptHiddenStatesCollector:
 
     def discard(self, req_id: str) -> None:
         self.requests.pop(req_id, None)
-
-
-def patch_scheduler(module) -> None:
-    """Hand prompt hidden states to outputs in ``Scheduler.update_from_output``; forget freed requests."""
-    install(module, PromptHiddenStatesCollector)
