@@ -15,7 +15,8 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# pytest exits 5 when it collects no test: report it instead of failing.
+# Line coverage of vllm_omni (every process the tests start, see [tool.coverage] in pyproject.toml) is
+# printed after the tests. pytest exits 5 when it collects no test: report it instead of failing.
 test: lint
-	$(PY) -m pytest; rc=$$?; \
+	$(PY) -m pytest --cov --cov-report=term; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc

@@ -1,10 +1,11 @@
 """``echo``: a tiny stage kind for tests and benchmarks, and the smallest example of adding a kind.
 
-An echo stage makes a tensor (prompt ``{"nbytes": n}``) or takes one handed on by an earlier stage (prompt
-``{"tensor": t, "made": time}``, built by the ``echo_tensor`` stage-input function) and returns it at its
-next step, with the time the tensor was made and how long the hand-off took (``time.perf_counter`` is
-one clock for every process of a machine). Its ``engine_args`` are its options: ``exit_at_start`` (an exit
-code) and ``raise_at_start`` (a message) make the stage fail while it starts.
+An echo stage makes a tensor (prompt ``{"nbytes": n}``) or takes one handed on by an earlier stage
+(prompt ``{"tensor": t, "made": time}``, built by the ``echo_tensor`` stage-input function) and returns
+it at its next step, with the time the tensor was made and how long the hand-off took until the tensor
+was read whole (``time.perf_counter`` is one clock for every process of a machine). Its ``engine_args``
+are its options: ``exit_at_start`` (an exit code) and ``raise_at_start`` (a message) make the stage fail
+while it starts.
 
 Importing this module registers the kind (``engine_type="echo"``) and the stage-input function.
 """
@@ -70,9 +71,10 @@ class EchoStageEngine(StageEngine):
         self.ready: list[tuple[str, EchoOutput]] = []
 
     def add_one(self, request: StageRequest) -> None:
-        now, prompt = time.perf_counter(), request.prompt
+        prompt = request.prompt
         if "tensor" in prompt:
-            output = EchoOutput(prompt["tensor"], prompt["made"], now - prompt["made"])
+            prompt["tensor"].sum()  # read every byte: a hand-off ends when the tensor is usable
+            output = EchoOutput(prompt["tensor"], prompt["made"], time.perf_counter() - prompt["made"])
         else:
             output = EchoOutput(torch.arange(prompt["nbytes"] // 4, dtype=torch.float32), time.perf_counter())
         self.ready.append((request.request_id, output))
