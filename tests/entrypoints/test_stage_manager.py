@@ -75,7 +75,7 @@ def slow_dit():
 
 
 def test_device_and_cpu_placement_are_the_stage_process_environment(slow_dit):
-    stage = psutil.Process(slow_dit.manager.handles[0].process.pid)
+    stage = psutil.Process(slow_dit.manager.running.handles[0].process.pid)
     assert stage.environ()["CUDA_VISIBLE_DEVICES"] == "5"
     assert (stage.environ()["OMP_NUM_THREADS"], stage.environ()["VLLM_CPU_OMP_THREADS_BIND"]) == ("1", "1")
     assert stage.cpu_affinity() == [1]
@@ -85,7 +85,7 @@ def test_device_and_cpu_placement_are_the_stage_process_environment(slow_dit):
 
 
 def test_a_dying_stage_fails_pending_requests_promptly_naming_it(slow_dit):
-    stage_pid = slow_dit.manager.handles[0].process.pid
+    stage_pid = slow_dit.manager.running.handles[0].process.pid
     threading.Timer(1.0, os.kill, (stage_pid, signal.SIGKILL)).start()
     start = time.monotonic()
     with pytest.raises(OmniStageError, match=r"stage 0 \(dit\) exited with code -9"):
@@ -111,11 +111,11 @@ def test_closing_one_pipeline_leaves_another_pipelines_tensors_alone():
     stage = create_dit_stage_config(0, tiny_model_path("sd3"), num_inference_steps=2, height=32, width=32)
     first, second = OmniLLM([stage], shm_threshold=1), OmniLLM([stage], shm_threshold=1)
     try:
-        assert first.manager.prefix != second.manager.prefix
+        assert first.manager.running.prefix != second.manager.running.prefix
         first.close()
         out = second.generate("a cat", {"seed": 1, "return_latents": True}, use_tqdm=False)[0]
         assert out.error is None and out.latents is not None  # the latents came through shared memory
-        assert segments(second.manager.prefix) == []  # consumed on arrival
+        assert segments(second.manager.running.prefix) == []  # consumed on arrival
     finally:
         second.close()
 
@@ -181,7 +181,7 @@ def test_ctrl_c_stops_every_stage_and_engine():
 def test_close_stops_what_a_killed_ar_stage_left_running():
     stage = create_ar_stage_config(0, tiny_model_path("qwen3"), max_model_len=256, enforce_eager=True)
     omni = OmniLLM([stage])
-    stage_pid = omni.manager.handles[0].process.pid
+    stage_pid = omni.manager.running.handles[0].process.pid
     engine_processes = psutil.Process(stage_pid).children(recursive=True)  # EngineCore and its worker
     assert engine_processes
     os.kill(stage_pid, signal.SIGKILL)

@@ -75,6 +75,11 @@ class OmniStageConfig:
             parse_cpu_list(self.cpus, f"{where}: cpus")
         kind.check_config(self)  # the kind's own fields
 
+    @property
+    def label(self) -> str:
+        """How errors name the stage: ``stage 1 (dit)``."""
+        return f"stage {self.stage_id} ({self.engine_type})"
+
 
 def parse_cpu_list(text: str, where: str = "cpus") -> list[int]:
     """CPU ids of a list like ``"0-3,6"`` (ValueError naming ``where`` otherwise)."""

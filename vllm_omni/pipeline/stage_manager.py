@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import queue
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import count
@@ -24,28 +22,21 @@ from typing import Any
 
 from vllm_omni.config.stage import OmniStageConfig
 from vllm_omni.pipeline.kinds import get_stage_kind
-from vllm_omni.pipeline.launcher import LocalProcessLauncher, StageHandle, StageLauncher
+from vllm_omni.pipeline.launcher import StageLauncher
 from vllm_omni.pipeline.outputs import OmniRequestOutput
 from vllm_omni.pipeline.protocol import (
     AbortRequests,
     AddRequests,
     GetStats,
-    Shutdown,
     StageMessageType,
     StageOutput,
     StageRequest,
 )
+from vllm_omni.pipeline.running_stages import LIVENESS_SECONDS, OmniStageError, RunningStages
 from vllm_omni.pipeline.stage_input import StageInput, check_pipeline, get_stage_input, stage_input_of
-from vllm_omni.pipeline.stage_io import SHM_THRESHOLD_BYTES, dumps, loads, new_segment_prefix, sweep, unlink
+from vllm_omni.pipeline.stage_io import SHM_THRESHOLD_BYTES, loads, unlink
 
-LIVENESS_SECONDS = 0.2
-"""How often a waiting manager checks that its stages are alive."""
-STOP_TIMEOUT_SECONDS = 30.0
-"""How long ``shutdown`` waits for a stage to exit cleanly before killing it."""
-
-
-class OmniStageError(RuntimeError):
-    """A stage failed to start, died, or its engine failed; the message names the stage."""
+__all__ = ["OmniQueueFullError", "OmniStageError", "StageManager"]
 
 
 class OmniQueueFullError(RuntimeError):
@@ -92,12 +83,6 @@ class StageManager:
         self.stage_inputs = [get_stage_input(stage_input_of(self.stages, s)) for s in self.stages]
         self.keep_stage_outputs = keep_stage_outputs
         self._last_reader = {s.source_stage: s.stage_id for s in self.stages if s.source_stage is not None}
-        self.threshold, self.prefix = shm_threshold, new_segment_prefix()
-        self.limits: list[Any] = [None] * len(self.stages)
-        """What each stage accepts (its kind's limits object), as it reported when ready."""
-        self.handles: list[StageHandle] = []
-        self._finalizer = weakref.finalize(self, _stop_all, self.handles, self.prefix)
-        self._received: queue.Queue = queue.Queue()
         self.requests: dict[str, _Request] = {}
         self.dead: OmniStageError | None = None
         self._hops: dict[str, str] = {}
@@ -113,16 +98,8 @@ class StageManager:
         self._pump: threading.Thread | None = None
         self._deliver: Callable[[list[OmniRequestOutput]], None] | None = None
         self._last_check = 0.0
-        try:
-            for stage in self.stages:
-                handle = (launcher or LocalProcessLauncher()).launch(
-                    stage, self._received, self.prefix, self.threshold
-                )
-                self.handles.append(handle)
-            self._wait_ready()
-        except BaseException:
-            self.shutdown()
-            raise
+        self.running = RunningStages(self.stages, launcher, shm_threshold)
+        """The stages' processes (handles, shared-memory prefix) and the limits they published."""
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_requests(self, requests: list[tuple[str, Any, list[Any]]], wait: bool = True) -> None:
@@ -158,12 +135,12 @@ class StageManager:
     def check_params(self, params: list[Any]) -> None:
         """Refuse (ValueError naming the stage and the field) params one of the stages would refuse."""
         for stage, kind, limits, stage_params in zip(
-            self.stages, self.kinds, self.limits, params, strict=True
+            self.stages, self.kinds, self.running.limits, params, strict=True
         ):
             try:
                 kind.check_params(limits, stage_params)
             except ValueError as error:
-                raise ValueError(f"{_name(stage)}: {error}") from None
+                raise ValueError(f"{stage.label}: {error}") from None
 
     def free_slots(self) -> int | None:
         """How many more requests the pipeline takes now (the tightest stage queue bound); None: no bound."""
@@ -174,7 +151,7 @@ class StageManager:
     def _check_capacity(self, num_new: int) -> None:
         for stage_id, bound, in_flight in self._queue_use():
             if in_flight + num_new > bound:
-                where = _name(self.stages[stage_id])
+                where = self.stages[stage_id].label
                 raise OmniQueueFullError(
                     f"{where}: {in_flight} requests are in it or on their way to it and it queues at most "
                     f"{bound}; retry later"
@@ -183,7 +160,7 @@ class StageManager:
     def _queue_use(self) -> list[tuple[int, int, int]]:
         """(stage id, queue bound, requests in it or before it) of every bounded stage."""
         use = []
-        for stage_id, (kind, limits) in enumerate(zip(self.kinds, self.limits, strict=True)):
+        for stage_id, (kind, limits) in enumerate(zip(self.kinds, self.running.limits, strict=True)):
             bound = kind.queue_bound(limits)
             if bound is not None:
                 use.append((stage_id, bound, sum(r.stage <= stage_id for r in self.requests.values())))
@@ -206,11 +183,11 @@ class StageManager:
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
-            item = self._receive(min(LIVENESS_SECONDS, max(remaining, 0.0)))
+            item = self.running.receive(min(LIVENESS_SECONDS, max(remaining, 0.0)))
             with self._lock:
                 while item is not None:
                     self._route(*item)
-                    item = self._receive(0.0)
+                    item = self.running.receive(0.0)
                 self._check_alive()
             self._run_handoffs()
             with self._lock:
@@ -254,27 +231,20 @@ class StageManager:
             updates = self._take_updates()
         if updates and self._deliver is not None:
             self._deliver(updates)
-        self._finalizer()
+        self.running.stop()
 
     # ---- routing -----------------------------------------------------------------------------------
-    def _receive(self, timeout: float) -> tuple[int, bytes | None] | None:
-        try:
-            return self._received.get(timeout=timeout) if timeout > 0 else self._received.get_nowait()
-        except queue.Empty:
-            return None
-
-    def _route(self, stage_id: int, data: bytes | None) -> None:
-        if data is None:  # the stage's end of the channel closed
-            self._on_dead(stage_id, self.handles[stage_id].exit_description())
+    def _route(self, stage_id: int, message: Any) -> None:
+        if message is None:  # the stage's end of the channel closed
+            self._fail_all(self.running.error(stage_id))
             return
-        message = loads(data)
         if message.type is StageMessageType.OUTPUTS:
             for output in message.outputs:
                 self._on_output(stage_id, output)
         elif message.type is StageMessageType.REPLY:
             self._on_reply(stage_id, message.token, message.error or message.value)
         elif message.type is StageMessageType.FAILED:
-            self._on_dead(stage_id, f"failed:\n{message.error}")
+            self._fail_all(self.running.error(stage_id, f"failed:\n{message.error}"))
 
     def _on_output(self, stage_id: int, news: StageOutput) -> None:
         request = self.requests.get(self._hops.get(news.request_id, ""))
@@ -291,7 +261,7 @@ class StageManager:
         if stage.final_output:
             self.kinds[stage_id].merge_output(request.result, output)
         if news.error:
-            self._end(request, error=f"{_name(stage)}: {news.error}")
+            self._end(request, error=f"{stage.label}: {news.error}")
         elif news.finished and last:
             self._end(request, stage_id=stage_id)
         else:
@@ -327,7 +297,7 @@ class StageManager:
             self._send_add(stage_id, [request], [prompt], forwarded=forwarded)
         except Exception as exc:
             message = error or f"{type(exc).__name__}: {exc}"
-            self._end(request, error=f"{_name(self.stages[stage_id])}: stage input failed: {message}")
+            self._end(request, error=f"{self.stages[stage_id].label}: stage input failed: {message}")
         finally:
             unlink([name for name in kept if name not in forwarded])
         for source, last_reader in self._last_reader.items():
@@ -345,7 +315,7 @@ class StageManager:
         for hop_id in hop_ids:
             request = self.requests.get(self._hops.get(hop_id, ""))
             if request is not None:
-                self._end(request, error=f"{_name(self.stages[stage_id])}: {value[0]}: {value[1]}")
+                self._end(request, error=f"{self.stages[stage_id].label}: {value[0]}: {value[1]}")
 
     def _snapshot(self, request: _Request, stage_id: int) -> None:
         result = request.result
@@ -372,7 +342,7 @@ class StageManager:
 
     # ---- plumbing ----------------------------------------------------------------------------------
     def _send(self, stage_id: int, message: Any, forwarded: list[str] | None = None) -> None:
-        self.handles[stage_id].send(dumps(message, self.threshold, self.prefix, forwarded))
+        self.running.send(stage_id, message, forwarded)
 
     def _send_add(
         self,
@@ -405,44 +375,19 @@ class StageManager:
                 self._raise_if_dead()
                 if self._pump is not None:
                     self._replied.wait(LIVENESS_SECONDS)
-                elif (item := self._receive(LIVENESS_SECONDS)) is not None:
+                elif (item := self.running.receive(LIVENESS_SECONDS)) is not None:
                     self._route(*item)
             return self._replies.pop(token)
         finally:
             self._waited.discard(token)
-
-    def _wait_ready(self) -> None:
-        ready: set[int] = set()
-        while len(ready) < len(self.stages):
-            self._raise_if_dead()
-            item = self._receive(LIVENESS_SECONDS)
-            if item is None:
-                self._check_alive()
-                continue
-            stage_id, data = item
-            name = _name(self.stages[stage_id])
-            if data is None:
-                raise OmniStageError(f"{name} {self.handles[stage_id].exit_description()}")
-            message = loads(data)
-            if message.type is StageMessageType.READY:
-                self.limits[stage_id] = message.limits
-                ready.add(stage_id)
-            elif message.type is StageMessageType.START_FAILED:
-                how = self.handles[stage_id].exit_description()
-                raise OmniStageError(f"{name} failed to start:\n{message.error}{name} {how}")
 
     def _check_alive(self) -> None:
         now = time.monotonic()
         if self.dead is not None or now - self._last_check < LIVENESS_SECONDS:
             return
         self._last_check = now
-        for stage, handle in zip(self.stages, self.handles, strict=False):
-            if not handle.is_alive():
-                self._on_dead(stage.stage_id, handle.exit_description())
-                return
-
-    def _on_dead(self, stage_id: int, how: str) -> None:
-        self._fail_all(OmniStageError(f"{_name(self.stages[stage_id])} {how}"))
+        if (dead := self.running.first_dead()) is not None:
+            self._fail_all(self.running.error(*dead))
 
     def _fail_all(self, error: OmniStageError) -> None:
         """Mark the pipeline dead (the first cause wins) and end every pending request with the cause."""
@@ -459,16 +404,3 @@ class StageManager:
 def _repeated(ids: list[str]) -> set[str]:
     seen: set[str] = set()
     return {i for i in ids if i in seen or seen.add(i)}
-
-
-def _name(stage: OmniStageConfig) -> str:
-    return f"stage {stage.stage_id} ({stage.engine_type})"
-
-
-def _stop_all(handles: list[StageHandle], prefix: str) -> None:
-    for handle in handles:
-        if handle.is_alive():
-            handle.send(dumps(Shutdown()))
-    for handle in handles:
-        handle.stop(STOP_TIMEOUT_SECONDS)
-    sweep(prefix)
