@@ -100,3 +100,11 @@ def test_pipeline_errors_name_the_stage():
         OmniLLM(hidden)
     with pytest.raises(ValueError, match="stage 1: unknown stage_input 'nope'; registered: "):
         OmniLLM([create_ar_stage_config(0, qwen3), create_dit_stage_config(1, sd3, stage_input="nope")])
+
+
+def test_a_prompt_the_first_stage_refuses_fails_the_call_naming_the_stage(omni):
+    too_long = {"prompt_token_ids": list(range(300))}  # max_model_len is 256
+    with pytest.raises(ValueError, match=r"^stage 0 \(ar\): .*maximum model length of 256"):
+        omni.generate([{"prompt": "fine"}, too_long], use_tqdm=False)
+    assert omni.stage_stats(0)["unfinished"] == 0  # all or none: the good prompt did not run either
+    assert omni.generate({"prompt": "fine"}, use_tqdm=False)[0].error is None

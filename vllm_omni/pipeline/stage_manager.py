@@ -130,7 +130,9 @@ class StageManager:
                 raise
             if error is not None:
                 self._forget(ids)
-                raise (ValueError if error[0] == "ValueError" else OmniStageError)(error[1])
+                raise (ValueError if error[0] == "ValueError" else OmniStageError)(
+                    f"{self.stages[0].label}: {error[1]}"
+                )
 
     def check_params(self, params: list[Any]) -> None:
         """Refuse (ValueError naming the stage and the field) params one of the stages would refuse."""

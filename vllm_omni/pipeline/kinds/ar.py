@@ -125,8 +125,13 @@ class ARStageEngine(StageEngine):
         self.engine = self.llm.llm_engine
 
     def add_one(self, request: StageRequest) -> None:
-        (engine_input,) = self.llm._preprocess_cmpl([request.prompt])
-        self.engine.add_request(request.request_id, engine_input, request.params)
+        from vllm.exceptions import VLLMValidationError
+
+        try:
+            (engine_input,) = self.llm._preprocess_cmpl([request.prompt])
+            self.engine.add_request(request.request_id, engine_input, request.params)
+        except VLLMValidationError as error:  # a bad request (e.g. a prompt longer than max_model_len)
+            raise ValueError(str(error)) from None
 
     def abort(self, request_ids: list[str]) -> None:
         if request_ids:
