@@ -104,7 +104,7 @@ def test_pipeline_errors_name_the_stage():
 
 def test_a_prompt_the_first_stage_refuses_fails_the_call_naming_the_stage(omni):
     too_long = {"prompt_token_ids": list(range(300))}  # max_model_len is 256
-    with pytest.raises(ValueError, match=r"^stage 0 \(ar\): .*maximum model length of 256"):
+    with pytest.raises(ValueError, match=r"^stage 0 \(ar\): .*maximum context length is 256 tokens"):
         omni.generate([{"prompt": "fine"}, too_long], use_tqdm=False)
     assert omni.stage_stats(0)["unfinished"] == 0  # all or none: the good prompt did not run either
     assert omni.generate({"prompt": "fine"}, use_tqdm=False)[0].error is None
