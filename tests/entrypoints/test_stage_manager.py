@@ -160,17 +160,23 @@ def test_a_killed_manager_leaves_no_stage_behind():
 @pytest.mark.engine
 def test_ctrl_c_stops_every_stage_and_engine():
     process = _start_script(f"""
+        import threading, time
         from vllm_omni import OmniLLM, create_ar_stage_config, create_dit_stage_config
         from vllm_omni.testing.tiny_models import tiny_model_path
+
+        def say_when_generating(omni):
+            while not omni.manager.requests:
+                time.sleep(0.01)
+            print("generating", flush=True)
+
         if __name__ == "__main__":
             ar = create_ar_stage_config(0, tiny_model_path("qwen3"), max_model_len=256, enforce_eager=True)
             omni = OmniLLM([ar, create_dit_stage_config(1, tiny_model_path("sd3"), **{SLOW_DIT})])
-            print("ready", flush=True)
+            threading.Thread(target=say_when_generating, args=(omni,), daemon=True).start()
             omni.generate(["a", "b"], [{{"max_tokens": 4}}, {{"seed": 1}}], use_tqdm=False)
     """)
-    tree = _descendant_pids(process, "ready")
+    tree = _descendant_pids(process, "generating")
     assert len(tree) >= 3  # two stage processes, the AR stage's EngineCore (and its worker)
-    time.sleep(2)  # inside generate
     os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     assert process.wait(timeout=90) != 0
     _, alive = psutil.wait_procs(tree, timeout=15)
