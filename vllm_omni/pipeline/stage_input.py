@@ -121,12 +121,16 @@ def generated_image(data: StageInput) -> dict[str, Any]:
 def chat_template_ids(data: StageInput) -> dict[str, list[int]]:
     """The prompt text in the stage model's chat template, as token ids, the way a DiT with an LM text
     encoder (Z-Image, Qwen-Image) encodes it: a user turn, generation prompt, first 512 tokens kept."""
-    tokenizer = _tokenizer(data.stage.model_path)
-    messages = [{"role": "user", "content": data.text or ""}]
-    text = tokenizer.apply_chat_template(
+    text = chat_prompt(data.stage.model_path, [{"role": "user", "content": data.text or ""}])
+    return {"prompt_token_ids": _tokenizer(data.stage.model_path)(text)["input_ids"][:DIT_TEXT_MAX_TOKENS]}
+
+
+def chat_prompt(model_path: str, messages: list[dict[str, str]]) -> str:
+    """``messages`` in the chat template of ``model_path``'s tokenizer, ready for the assistant's turn."""
+    tokenizer = _tokenizer(model_path)
+    return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True, enable_thinking=True
     )
-    return {"prompt_token_ids": tokenizer(text)["input_ids"][:DIT_TEXT_MAX_TOKENS]}
 
 
 @cache

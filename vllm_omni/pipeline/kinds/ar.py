@@ -110,6 +110,15 @@ class ARStageKind(StageKind):
     def merge_output(self, result: OmniRequestOutput, output: Any) -> None:
         result.text = output.outputs[0].text
 
+    def summarize(self, output: Any) -> dict[str, Any]:
+        completion = output.outputs[0]
+        return {
+            "text": completion.text,
+            "num_prompt_tokens": len(output.prompt_token_ids or ()),
+            "num_generated_tokens": len(completion.token_ids),
+            "finish_reason": completion.finish_reason,
+        }
+
 
 class ARStageEngine(StageEngine):
     """A ``vllm.LLM`` fed request by request: prompts rendered the way ``LLM.generate`` renders them,

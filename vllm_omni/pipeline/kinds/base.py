@@ -109,3 +109,7 @@ class StageKind:
 
     def merge_output(self, result: OmniRequestOutput, output: Any) -> None:
         """Put what a final stage produced into the request's result."""
+
+    def summarize(self, output: Any) -> dict[str, Any]:
+        """A JSON-able summary of one of the stage's outputs (what a server reports per stage)."""
+        return {}

@@ -50,6 +50,9 @@ class DiTStageKind(StageKind):
     def merge_output(self, result: OmniRequestOutput, output: Any) -> None:
         result.images, result.latents = output.images, output.latents
 
+    def summarize(self, output: Any) -> dict[str, Any]:
+        return {"seed": output.seed, "num_steps": output.num_steps, "seconds": output.metrics}
+
 
 class DiTStageEngine(StageEngine):
     """A diffusion engine, stepped in the stage's process."""

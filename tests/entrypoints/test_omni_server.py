@@ -1,0 +1,175 @@
+"""`vllm serve MODEL --omni` on the tiny SD3 (a DiT-only pipeline): the official openai client, the native
+endpoints, bad input, the API key, the command line, SIGTERM."""
+
+from __future__ import annotations
+
+import base64
+import io
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import openai
+import psutil
+import pytest
+import requests
+from PIL import Image
+
+from tests.utils import running_server
+from vllm_omni.config.dit import DiTConfig
+from vllm_omni.diffusion.request import DiffusionSamplingParams
+from vllm_omni.testing.tiny_models import tiny_model_path
+from vllm_omni.v1.engine.diffusion_engine import DiffusionEngine
+
+DIT_FLAGS = ("--omni", "--dit-steps", "2", "--dit-size", "32x32")
+VLLM = str(Path(sys.executable).parent / "vllm")
+
+
+@pytest.fixture(scope="module")
+def url():
+    with running_server(tiny_model_path("sd3"), *DIT_FLAGS, "--max-queued-requests", "64") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+
+
+def decode(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_images_generate_equals_the_dit_engine_with_the_same_seed(client):
+    response = client.images.generate(prompt="a red sunset", n=2, size="32x32", extra_body={"seed": 5})
+    assert len(response.data) == 2 and response.data[0].revised_prompt is None
+    engine = DiffusionEngine(tiny_model_path("sd3"), DiTConfig(num_inference_steps=2, height=32, width=32))
+    for i in range(2):
+        engine.add_request(str(i), "a red sunset", DiffusionSamplingParams(seed=5 + i))
+    expected = {}
+    while engine.has_unfinished_requests():
+        expected.update({o.request_id: o for o in engine.step()})
+    for i, item in enumerate(response.data):
+        image = decode(item.b64_json)
+        assert image.format == "PNG" and image.size == (32, 32)
+        diff = np.abs(np.asarray(image, dtype=int) - np.asarray(expected[str(i)].images[0], dtype=int))
+        assert diff.max() <= 1  # the same image (uint8, another batch layout)
+
+
+def test_output_formats_and_quality(client):
+    jpeg = client.images.generate(prompt="a cat", output_format="jpeg", output_compression=50, quality="low")
+    assert decode(jpeg.data[0].b64_json).format == "JPEG" and jpeg.output_format == "jpeg"
+    webp = client.images.generate(prompt="a cat", output_format="webp")
+    assert decode(webp.data[0].b64_json).format == "WEBP"
+
+
+BAD_REQUESTS = [
+    ({"prompt": "x", "n": 11}, "n"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": ""}, "prompt"),
+    ({"n": 1}, "prompt"),
+    ({"prompt": 3}, "prompt"),
+    ({"prompt": "x", "size": "30x32"}, "size"),
+    ({"prompt": "x", "size": "big"}, "size"),
+    ({"prompt": "x", "size": "4096x4096"}, "size"),
+    ({"prompt": "x", "response_format": "url"}, "response_format"),
+    ({"prompt": "x", "background": "transparent"}, "background"),
+    ({"prompt": "x", "output_format": "gif"}, "output_format"),
+    ({"prompt": "x", "output_compression": 50}, "output_compression"),
+    ({"prompt": "x", "output_format": "jpeg", "output_compression": 101}, "output_compression"),
+    ({"prompt": "x", "quality": "ultra"}, "quality"),
+    ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps"),
+    ({"prompt": "x", "guidance_scale": -1}, "guidance_scale"),
+    ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": "x", "style": "vivid"}, "style"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), BAD_REQUESTS)
+def test_bad_image_requests_are_400_naming_the_field_and_the_server_goes_on(url, body, param):
+    response = requests.post(f"{url}/v1/images/generations", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["code"] == 400
+    good = requests.post(f"{url}/v1/images/generations", json={"prompt": "fine"}, timeout=60)
+    assert good.status_code == 200
+
+
+def test_malformed_json_is_400(url):
+    response = requests.post(f"{url}/v1/images/generations", data="{not json", timeout=60,
+                             headers={"content-type": "application/json"})  # fmt: skip
+    assert response.status_code == 400 and "error" in response.json()
+
+
+def test_health_info_models_and_generate(url):
+    assert requests.get(f"{url}/health", timeout=10).json() == {"status": "ok"}
+    info = requests.get(f"{url}/info", timeout=10).json()
+    (stage,) = info["stages"]
+    assert (stage["kind"], stage["executor"], stage["limits"]["size_factor"]) == ("dit", "native", 4)
+    assert requests.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"] == tiny_model_path("sd3")
+    body = {"prompt": "a dog", "params": {"0": {"seed": 1, "num_inference_steps": 1}}}
+    out = requests.post(f"{url}/generate", json=body, timeout=60).json()
+    assert out["text"] is None and decode(out["images"][0]).size == (32, 32)
+    assert out["stages"]["0"] == {
+        "kind": "dit",
+        "seed": 1,
+        "num_steps": 1,
+        "seconds": out["stages"]["0"]["seconds"],
+    }
+    bad = requests.post(f"{url}/generate", json={"prompt": "a dog", "params": {"3": {}}}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "params"
+    bad = requests.post(
+        f"{url}/generate", json={"prompt": "a dog", "params": {"0": {"height": 30}}}, timeout=60
+    )
+    assert (
+        bad.status_code == 400
+        and "stage 0 (dit): height must be a multiple of 4" in bad.json()["error"]["message"]
+    )
+
+
+def test_the_api_key_guards_everything_but_health():
+    with running_server(tiny_model_path("sd3"), *DIT_FLAGS, "--api-key", "sesame") as url:
+        assert requests.get(f"{url}/health", timeout=10).status_code == 200
+        assert requests.get(f"{url}/v1/models", timeout=10).status_code == 401
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong").images.generate(prompt="x")
+        assert openai.OpenAI(base_url=f"{url}/v1", api_key="sesame").images.generate(prompt="x").data
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--omni"], "no pipeline: give MODEL"),
+        (["--omni", "--ar-stage", "x"], "--ar-stage and --dit-stage go together"),
+        (["MODEL", "--omni", "--dit-size", "12"], "--dit-size: must look like 1024x768"),
+        (["MODEL", "--omni", "--dit-steps", "0"], "--dit-steps: must be >= 1"),
+        (["MODEL", "--omni", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_command_line_errors_name_the_flag(args, message):
+    result = subprocess.run([VLLM, "serve", *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+
+
+def test_a_model_that_cannot_load_fails_start_up_naming_the_stage(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "NoSuchPipeline"}')
+    result = subprocess.run(
+        [VLLM, "serve", str(tmp_path), "--omni"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1 and "stage 0 (dit) failed to start" in result.stderr, result.stderr[-2000:]
+
+
+def test_sigterm_stops_the_server_and_every_stage():
+    process = subprocess.Popen([VLLM, "serve", tiny_model_path("sd3"), *DIT_FLAGS, "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    for line in process.stdout:
+        if "Uvicorn running" in line or "Application startup complete" in line:
+            break
+    tree = psutil.Process(process.pid).children(recursive=True)
+    assert tree  # the stage process
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    _, alive = psutil.wait_procs(tree, timeout=15)
+    assert alive == []

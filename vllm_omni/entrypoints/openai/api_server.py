@@ -1,0 +1,287 @@
+"""The omni HTTP server: one FastAPI app on uvicorn in front of an ``AsyncOmniLLM``.
+
+Endpoints: ``POST /v1/images/generations`` (OpenAI Images API), ``POST /generate`` (native, any
+pipeline), ``GET /health``, ``GET /info``, ``GET /v1/models``. Every error uses OpenAI's schema
+``{"error": {"message", "type", "param", "code"}}``; ``--api-key`` guards every endpoint but ``/health``;
+at most ``--max-queued-requests`` generation requests are held at once (more: 429 with ``Retry-After``).
+A client that goes away aborts its request in every stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import signal
+import sys
+from collections.abc import Awaitable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+
+from vllm_omni.config.stage import OmniStageConfig
+from vllm_omni.entrypoints.async_omni_llm import AsyncOmniLLM
+from vllm_omni.entrypoints.openai.images import (
+    ImageGenerationRequest,
+    ImageRequestError,
+    encode_image,
+    images_response,
+    parse_size,
+)
+from vllm_omni.pipeline.kinds import get_stage_kind
+from vllm_omni.pipeline.running_stages import OmniStageError
+from vllm_omni.pipeline.stage_manager import OmniQueueFullError
+from vllm_omni.version import __version__
+
+DISCONNECT_POLL_SECONDS = 0.1
+RETRY_AFTER_SECONDS = 1
+DRAIN_TIMEOUT_SECONDS = 60
+
+
+class ServerError(Exception):
+    """An error response: HTTP ``status``, OpenAI error ``type``, the ``param`` at fault."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"
+    ):
+        super().__init__(message)
+        self.status, self.param, self.kind = status, param, kind
+
+
+class GenerateRequest(BaseModel):
+    """The body of ``POST /generate``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | dict[str, Any]
+    """A text, or a prompt dict of the first stage (e.g. ``{"prompt_token_ids": [...]}``)."""
+    params: dict[int, dict[str, Any]] = {}
+    """Each stage's params by stage id (fields of ``SamplingParams`` / ``DiffusionSamplingParams``)."""
+
+
+@dataclasses.dataclass
+class OmniServer:
+    """What the routes share."""
+
+    omni: AsyncOmniLLM
+    model_name: str
+    api_key: str | None
+    max_queued_requests: int
+    held: int = 0
+    """Generation requests being served now."""
+
+    async def run(self, request: Request, work: Awaitable[Any]) -> Any:
+        """Serve ``work`` under admission; a client that goes away cancels it (aborting every stage)."""
+        if self.held >= self.max_queued_requests:
+            message = f"the server holds {self.held} requests (--max-queued-requests); retry later"
+            raise ServerError(429, message, kind="rate_limit_exceeded")
+        self.held += 1
+        task = asyncio.ensure_future(work)
+        try:
+            while not task.done():
+                await asyncio.wait([task], timeout=DISCONNECT_POLL_SECONDS)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()
+            return await task
+        finally:
+            self.held -= 1
+            if not task.done():
+                task.cancel()
+
+    async def generate(self, prompt: Any, params: list[Any]) -> Any:
+        """One request through the pipeline; its finished result (pipeline errors as ``ServerError``)."""
+        try:
+            async for output in self.omni.generate(prompt, params):
+                result = output
+        except ValueError as error:
+            raise ServerError(400, str(error)) from None
+        except OmniQueueFullError as error:
+            raise ServerError(429, str(error), kind="rate_limit_exceeded") from None
+        except OmniStageError as error:
+            raise ServerError(503, str(error), kind="server_error") from None
+        if result.error is not None:
+            raise ServerError(500, result.error, kind="server_error")
+        return result
+
+
+def build_app(server: OmniServer) -> FastAPI:
+    """The app serving ``server``'s pipeline."""
+    app = FastAPI(title="vLLM-Omni", version=__version__)
+    app.state.server = server
+    app.add_exception_handler(ServerError, _server_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.middleware("http")(_check_api_key)
+    _add_routes(app)
+    return app
+
+
+def _add_routes(app: FastAPI) -> None:
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        dead = _server(request).omni.manager.dead
+        if dead is not None:
+            return _error_response(503, str(dead), None, "server_error")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/info")
+    async def info(request: Request) -> dict[str, Any]:
+        return _info(_server(request))
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        name = _server(request).model_name
+        return {
+            "object": "list",
+            "data": [{"id": name, "object": "model", "owned_by": "vllm-omni", "root": name}],
+        }
+
+    @app.post("/v1/images/generations")
+    async def images_generations(body: ImageGenerationRequest, request: Request) -> dict[str, Any]:
+        server = _server(request)
+        return await server.run(request, _generate_images(server, body))
+
+    @app.post("/generate")
+    async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
+        server = _server(request)
+        params = _stage_params(server, body.params)
+        result = await server.run(request, server.generate(body.prompt, params))
+        return _generate_response(server, result)
+
+
+async def _generate_images(server: OmniServer, body: ImageGenerationRequest) -> dict[str, Any]:
+    stages = server.omni.stages
+    if stages[-1].engine_type != "dit":
+        raise ServerError(400, "this pipeline does not end in a 'dit' stage: it makes no images", "model")
+    try:
+        body.check_served()
+    except ImageRequestError as error:
+        raise ServerError(400, str(error), error.param) from None
+    if body.negative_prompt is not None and stages[0].engine_type != "dit":
+        raise ServerError(400, "negative_prompt needs a pipeline whose first stage is its dit stage",
+                          "negative_prompt")  # fmt: skip
+    _check_size(server, body)
+    prompt = {"prompt": body.prompt}
+    if body.negative_prompt is not None:
+        prompt["negative_prompt"] = body.negative_prompt
+    results = await asyncio.gather(
+        *(server.generate(prompt, _image_params(stages, body, i)) for i in range(body.n))
+    )
+    return images_response(body, results)
+
+
+def _check_size(server: OmniServer, body: ImageGenerationRequest) -> None:
+    """The size asked for against every DiT stage's limits (a 400 naming ``size``)."""
+    if body.size == "auto":
+        return
+    width, height = parse_size(body.size)
+    for stage, limits in zip(server.omni.stages, server.omni.manager.running.limits, strict=True):
+        if stage.engine_type == "dit":
+            try:
+                limits.check_size(height, width)
+            except ValueError as error:
+                raise ServerError(400, f"{stage.label}: {error}", "size") from None
+
+
+def _image_params(stages: list[OmniStageConfig], body: ImageGenerationRequest, index: int) -> list[Any]:
+    """Every stage's params for image ``index``: the DiT stages get the request's, the others defaults."""
+    params = []
+    for stage in stages:
+        full_steps = stage.dit_config.num_inference_steps if stage.dit_config is not None else None
+        params.append(body.dit_params(index, full_steps) if stage.engine_type == "dit" else None)
+    return params
+
+
+def _stage_params(server: OmniServer, by_stage: dict[int, dict[str, Any]]) -> list[Any]:
+    unknown = sorted(set(by_stage) - {stage.stage_id for stage in server.omni.stages})
+    if unknown:
+        raise ServerError(400, f"no stage {unknown} in this pipeline", "params")
+    return [by_stage.get(stage.stage_id) for stage in server.omni.stages]
+
+
+def _generate_response(server: OmniServer, result: Any) -> dict[str, Any]:
+    stages = {}
+    for stage_id, output in result.stage_outputs.items():
+        stage = server.omni.stages[stage_id]
+        stages[stage_id] = {"kind": stage.engine_type, **get_stage_kind(stage.engine_type).summarize(output)}
+    images = [encode_image(image, "png", None) for image in result.images or ()]
+    return {"request_id": result.request_id, "text": result.text, "images": images, "stages": stages}
+
+
+def _info(server: OmniServer) -> dict[str, Any]:
+    import vllm
+
+    stages = []
+    for stage, limits in zip(server.omni.stages, server.omni.manager.running.limits, strict=True):
+        entry = {"stage_id": stage.stage_id, "kind": stage.engine_type, "model": stage.model_path,
+                 "final_output": stage.final_output, "limits": _as_json(limits)}  # fmt: skip
+        if stage.dit_config is not None:
+            entry["executor"] = "diffusers" if stage.dit_config.use_diffusers else "native"
+        stages.append(entry)
+    return {
+        "model": server.model_name,
+        "stages": stages,
+        "max_queued_requests": server.max_queued_requests,
+        "versions": {"vllm_omni": __version__, "vllm": vllm.__version__},
+    }
+
+
+def _as_json(limits: Any) -> Any:
+    return dataclasses.asdict(limits) if dataclasses.is_dataclass(limits) else limits
+
+
+def _server(request: Request) -> OmniServer:
+    return request.app.state.server
+
+
+async def _check_api_key(request: Request, call_next: Any) -> Any:
+    key = _server(request).api_key
+    if key is not None and request.url.path != "/health":
+        if request.headers.get("authorization") != f"Bearer {key}":
+            return _error_response(401, "missing or wrong API key (Authorization: Bearer KEY)", None,
+                                   "authentication_error")  # fmt: skip
+    return await call_next(request)
+
+
+async def _server_error(request: Request, error: ServerError) -> JSONResponse:
+    response = _error_response(error.status, str(error), error.param, error.kind)
+    if error.status == 429:
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response
+
+
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    first = error.errors()[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    return _error_response(400, message, param, "invalid_request_error")
+
+
+def _error_response(status: int, message: str, param: str | None, kind: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
+
+
+def run_server(args: argparse.Namespace, stages: list[OmniStageConfig]) -> None:
+    """Start the pipeline (exit code 1 naming the stage that cannot start), then serve until SIGINT/SIGTERM:
+    stop accepting, finish what is in flight (up to DRAIN_TIMEOUT_SECONDS), stop every stage."""
+    import uvicorn
+
+    try:
+        omni = AsyncOmniLLM(stages)
+    except OmniStageError as error:
+        sys.exit(f"vllm serve --omni: {error}")
+    name = args.served_model_name or [args.model_tag or stages[-1].model_path]
+    name = name[0] if isinstance(name, list) else name
+    server = OmniServer(omni, name, args.api_key, args.max_queued_requests)
+    # uvicorn drains on SIGINT/SIGTERM, then raises the signal again with the handlers it found: these
+    # let the pipeline stop below and the process exit 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    signal.signal(signal.SIGINT, lambda *_: None)
+    try:
+        uvicorn.run(build_app(server), host=args.host, port=args.port, log_level="info",
+                    timeout_graceful_shutdown=DRAIN_TIMEOUT_SECONDS)  # fmt: skip
+    finally:
+        omni.shutdown()
