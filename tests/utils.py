@@ -68,15 +68,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(model: str, *args: str, timeout: float = 240):
-    """``vllm serve model *args`` on a free local port (CPU, eager, 512-token context); yields its URL.
+def running_server(model: str | None, *args: str, timeout: float = 240):
+    """``vllm serve [model] *args`` on a free local port (CPU, eager, 512-token context); yields its URL.
 
     The server's output goes to a temporary file (a pipe nobody reads would fill up and stall it); its
     tail is in the error when the server exits or does not become healthy within ``timeout`` seconds.
     """
     port = free_port()
     vllm_cli = Path(sys.executable).parent / "vllm"
-    cmd = [str(vllm_cli), "serve", model, "--host", "127.0.0.1", "--port", str(port),
+    cmd = [str(vllm_cli), "serve", *([model] if model else []), "--host", "127.0.0.1", "--port", str(port),
            "--max-model-len", "512", "--enforce-eager", *args]  # fmt: skip
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ}
     url = f"http://127.0.0.1:{port}"

@@ -4,10 +4,12 @@ endpoints, bad input, the API key, the command line, SIGTERM."""
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import io
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +175,50 @@ def test_sigterm_stops_the_server_and_every_stage():
     assert process.wait(timeout=60) == 0
     _, alive = psutil.wait_procs(tree, timeout=15)
     assert alive == []
+
+
+@pytest.mark.engine
+def test_ar_to_dit_rewrites_the_prompt_with_the_system_prompt(qwen3_llm):
+    from vllm import SamplingParams
+
+    from vllm_omni.pipeline.stage_input import chat_prompt
+
+    system = "Rewrite the prompt for an image model."
+    args = ("--omni", "--ar-stage", tiny_model_path("qwen3"), "--dit-stage", tiny_model_path("sd3"),
+            "--ar-system-prompt", system, *DIT_FLAGS[1:], "--dtype", "float32")  # fmt: skip
+    with running_server(None, *args) as url:
+        response = openai.OpenAI(base_url=f"{url}/v1", api_key="x").images.generate(prompt="a red sunset")
+        assert isinstance(response.data[0].revised_prompt, str)
+        greedy = {"temperature": 0.0, "max_tokens": 8, "ignore_eos": True}
+        body = {"prompt": "a red sunset", "params": {"0": greedy, "1": {"seed": 1}}}
+        out = requests.post(f"{url}/generate", json=body, timeout=120).json()
+    turns = [{"role": "system", "content": system}, {"role": "user", "content": "a red sunset"}]
+    expected = qwen3_llm.generate(chat_prompt(tiny_model_path("qwen3"), turns), SamplingParams(**greedy))
+    assert out["text"] == expected[0].outputs[0].text == out["stages"]["0"]["text"]
+    assert out["stages"]["0"]["num_generated_tokens"] == 8 and len(out["images"]) == 1
+
+
+def test_a_killed_stage_fails_requests_with_503_and_health_names_it():
+    with running_server(tiny_model_path("sd3"), *DIT_FLAGS) as url:
+        (stage,) = _stage_processes(url)
+        slow = {"prompt": "slow", "params": {"0": {"num_inference_steps": 20_000}}}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(requests.post, f"{url}/generate", json=slow, timeout=60)
+            stage.kill()  # the request is in flight or meets a dead pipeline: 503 naming the stage either way
+            killed = time.monotonic()
+            response = pending.result()
+        assert time.monotonic() - killed < 5
+        assert response.status_code == 503
+        assert "stage 0 (dit) exited with code -9" in response.json()["error"]["message"]
+        health = requests.get(f"{url}/health", timeout=10)
+        assert health.status_code == 503 and "stage 0 (dit)" in health.json()["error"]["message"]
+
+
+def _stage_processes(url: str) -> list[psutil.Process]:
+    """The stage processes of the server listening at ``url`` (found by its --port)."""
+    port = url.rsplit(":", 1)[1]
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if "serve" in cmdline and port in cmdline:
+            return [p for p in process.children() if "stage_process" in " ".join(p.cmdline())]
+    raise AssertionError(f"no server on port {port}")

@@ -102,8 +102,8 @@ class OmniServer:
             raise ServerError(429, str(error), kind="rate_limit_exceeded") from None
         except OmniStageError as error:
             raise ServerError(503, str(error), kind="server_error") from None
-        if result.error is not None:
-            raise ServerError(500, result.error, kind="server_error")
+        if result.error is not None:  # 503 once a stage is gone: the pipeline serves no more
+            raise ServerError(503 if self.omni.manager.dead else 500, result.error, kind="server_error")
         return result
 
 
