@@ -131,6 +131,17 @@ def test_health_info_models_and_generate(url):
     )
 
 
+def test_a_client_that_goes_away_aborts_its_request_in_the_stage(url):
+    slow = {"prompt": "slow", "params": {"0": {"num_inference_steps": 20_000}}}
+    for _ in range(3):
+        with pytest.raises(requests.exceptions.ReadTimeout):  # the client gives up and closes the connection
+            requests.post(f"{url}/generate", json=slow, timeout=1.5)
+    deadline = time.monotonic() + 30
+    while (stats := requests.get(f"{url}/info", timeout=10).json()["stages"][0]["stats"])["running"]:
+        assert time.monotonic() < deadline, stats
+    assert (stats["running"], stats["waiting"], stats["states"], stats["running_bytes"]) == (0, 0, 0, 0)
+
+
 def test_the_api_key_guards_everything_but_health():
     with running_server(tiny_model_path("sd3"), *DIT_FLAGS, "--api-key", "sesame") as url:
         assert requests.get(f"{url}/health", timeout=10).status_code == 200

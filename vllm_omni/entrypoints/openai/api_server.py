@@ -17,7 +17,7 @@ import sys
 from collections.abc import Awaitable
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
@@ -109,11 +109,12 @@ class OmniServer:
 
 def build_app(server: OmniServer) -> FastAPI:
     """The app serving ``server``'s pipeline."""
-    app = FastAPI(title="vLLM-Omni", version=__version__)
+    # The key is checked by a dependency, not an HTTP middleware: Starlette's BaseHTTPMiddleware hides a
+    # client's disconnect from the route, which must abort the request.
+    app = FastAPI(title="vLLM-Omni", version=__version__, dependencies=[Depends(_check_api_key)])
     app.state.server = server
     app.add_exception_handler(ServerError, _server_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.middleware("http")(_check_api_key)
     _add_routes(app)
     return app
 
@@ -128,7 +129,9 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/info")
     async def info(request: Request) -> dict[str, Any]:
-        return _info(_server(request))
+        server = _server(request)
+        stats = await asyncio.gather(*(server.omni.stage_stats(s.stage_id) for s in server.omni.stages))
+        return _info(server, stats)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -210,13 +213,15 @@ def _generate_response(server: OmniServer, result: Any) -> dict[str, Any]:
     return {"request_id": result.request_id, "text": result.text, "images": images, "stages": stages}
 
 
-def _info(server: OmniServer) -> dict[str, Any]:
+def _info(server: OmniServer, stats: list[dict[str, int]]) -> dict[str, Any]:
     import vllm
 
     stages = []
-    for stage, limits in zip(server.omni.stages, server.omni.manager.running.limits, strict=True):
+    limits = server.omni.manager.running.limits
+    for stage, stage_limits, stage_stats in zip(server.omni.stages, limits, stats, strict=True):
         entry = {"stage_id": stage.stage_id, "kind": stage.engine_type, "model": stage.model_path,
-                 "final_output": stage.final_output, "limits": _as_json(limits)}  # fmt: skip
+                 "final_output": stage.final_output, "limits": _as_json(stage_limits),
+                 "stats": stage_stats}  # fmt: skip
         if stage.dit_config is not None:
             entry["executor"] = "diffusers" if stage.dit_config.use_diffusers else "native"
         stages.append(entry)
@@ -236,13 +241,12 @@ def _server(request: Request) -> OmniServer:
     return request.app.state.server
 
 
-async def _check_api_key(request: Request, call_next: Any) -> Any:
+async def _check_api_key(request: Request) -> None:
     key = _server(request).api_key
     if key is not None and request.url.path != "/health":
         if request.headers.get("authorization") != f"Bearer {key}":
-            return _error_response(401, "missing or wrong API key (Authorization: Bearer KEY)", None,
-                                   "authentication_error")  # fmt: skip
-    return await call_next(request)
+            message = "missing or wrong API key (Authorization: Bearer KEY)"
+            raise ServerError(401, message, kind="authentication_error")
 
 
 async def _server_error(request: Request, error: ServerError) -> JSONResponse:
