@@ -67,6 +67,14 @@ def test_output_formats_and_quality(client):
     assert decode(webp.data[0].b64_json).format == "WEBP"
 
 
+def test_the_images_client_example(url, tmp_path):
+    example = Path(__file__).parents[2] / "examples" / "online_serving" / "omni_images_client.py"
+    result = subprocess.run([sys.executable, str(example), "--url", url, "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"omni_images_client_{i}.png" for i in (0, 1)]
+
+
 BAD_REQUESTS = [
     ({"prompt": "x", "n": 11}, "n"),
     ({"prompt": "x", "n": 0}, "n"),
