@@ -10,6 +10,7 @@ install:
 demo: install
 	$(PY) examples/offline_inference/basic_generate.py
 	$(PY) examples/offline_inference/omni_text_to_image.py
+	$(PY) examples/online_serving/omni_serve_demo.py
 
 lint: install
 	$(PY) -m ruff check .

@@ -1,0 +1,53 @@
+"""Serve the tiny random SD3 with `vllm serve MODEL --omni`, ask it for two images with the openai client,
+stop it with SIGTERM (what `make demo` runs; no download).
+
+    .venv/bin/python examples/online_serving/omni_serve_demo.py [--out outputs]
+"""
+
+import argparse
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from vllm_omni.testing.tiny_models import tiny_model_path
+
+PORT = 8765
+
+
+def wait_healthy(server: subprocess.Popen, url: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            if requests.get(f"{url}/health", timeout=1).ok:
+                return
+        except requests.RequestException:
+            pass  # not listening yet
+        time.sleep(0.5)
+    raise SystemExit(f"the server did not come up (exit code {server.poll()})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="outputs", help="folder for the PNGs")
+    args = parser.parse_args()
+    vllm = str(Path(sys.executable).parent / "vllm")
+    command = [vllm, "serve", tiny_model_path("sd3"), "--omni", "--port", str(PORT), "--dit-steps", "4",
+               "--dit-size", "64x64"]  # fmt: skip
+    print("$", " ".join(command), flush=True)
+    server = subprocess.Popen(command)
+    url = f"http://127.0.0.1:{PORT}"
+    try:
+        wait_healthy(server, url)
+        client = Path(__file__).with_name("omni_images_client.py")
+        subprocess.run([sys.executable, str(client), "--url", url, "--out", args.out], check=True)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        print(f"server stopped with exit code {server.wait(timeout=120)}")
+
+
+if __name__ == "__main__":
+    main()
