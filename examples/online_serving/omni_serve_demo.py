@@ -1,7 +1,7 @@
 """Serve the tiny random SD3 with `vllm serve MODEL --omni`, ask it for two images with the openai client,
 stop it with SIGTERM (what `make demo` runs; no download).
 
-    .venv/bin/python examples/online_serving/omni_serve_demo.py [--out outputs]
+    .venv/bin/python examples/online_serving/omni_serve_demo.py [--out outputs] [--port 8765]
 """
 
 import argparse
@@ -14,8 +14,6 @@ from pathlib import Path
 import requests
 
 from vllm_omni.testing.tiny_models import tiny_model_path
-
-PORT = 8765
 
 
 def wait_healthy(server: subprocess.Popen, url: str, timeout: float = 300) -> None:
@@ -33,13 +31,14 @@ def wait_healthy(server: subprocess.Popen, url: str, timeout: float = 300) -> No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs", help="folder for the PNGs")
+    parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args()
     vllm = str(Path(sys.executable).parent / "vllm")
-    command = [vllm, "serve", tiny_model_path("sd3"), "--omni", "--port", str(PORT), "--dit-steps", "4",
+    command = [vllm, "serve", tiny_model_path("sd3"), "--omni", "--port", str(args.port), "--dit-steps", "4",
                "--dit-size", "64x64"]  # fmt: skip
     print("$", " ".join(command), flush=True)
     server = subprocess.Popen(command)
-    url = f"http://127.0.0.1:{PORT}"
+    url = f"http://127.0.0.1:{args.port}"
     try:
         wait_healthy(server, url)
         client = Path(__file__).with_name("omni_images_client.py")

@@ -19,7 +19,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.utils import running_server
+from tests.utils import free_port, running_server
 from vllm_omni.config.dit import DiTConfig
 from vllm_omni.diffusion.request import DiffusionSamplingParams
 from vllm_omni.testing.tiny_models import tiny_model_path
@@ -73,6 +73,14 @@ def test_the_images_client_example(url, tmp_path):
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"omni_images_client_{i}.png" for i in (0, 1)]
+
+
+def test_the_serve_demo_serves_answers_and_stops_cleanly(tmp_path):
+    example = Path(__file__).parents[2] / "examples" / "online_serving" / "omni_serve_demo.py"
+    command = [sys.executable, str(example), "--out", str(tmp_path), "--port", str(free_port())]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "server stopped with exit code 0" in result.stdout and len(list(tmp_path.glob("*.png"))) == 2
 
 
 BAD_REQUESTS = [
