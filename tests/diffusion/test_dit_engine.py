@@ -130,3 +130,24 @@ def test_step_cache_skips_steps_per_request_and_stays_close(dit_path):
     for key, reference in images[None].items():
         mse = float(np.mean((images["first_block"][key] - reference) ** 2))
         assert 0 < mse and 10 * np.log10(1 / mse) > 30  # close to the uncached image, not identical
+
+
+def test_partial_images_are_previews_at_even_steps_and_leave_the_image_alone(dit_engine):
+    size = dict(height=32, width=32, num_inference_steps=6, seed=3, output_type="np")
+    dit_engine.add_request("plain", "a red sunset", Params(**size))
+    plain = run_all(dit_engine)["plain"]
+    dit_engine.add_request("previewed", "a red sunset", Params(**size, partial_images=2))
+    outputs = []
+    while dit_engine.has_unfinished_requests():
+        outputs += dit_engine.step()
+    previews, (final,) = outputs[:-1], outputs[-1:]
+    assert [(o.partial_image_index, o.num_steps) for o in previews] == [(0, 2), (1, 4)]
+    assert final.partial_image_index is None and np.array_equal(final.images, plain.images)
+    assert all(
+        o.images.shape == plain.images.shape and not np.array_equal(o.images, plain.images) for o in previews
+    )
+    assert dit_engine.memory_stats()["states"] == 0
+    with pytest.raises(ValueError, match=r"partial_images 2 must be fewer than the steps \(2\)"):
+        dit_engine.add_request("x", "a", Params(**{**size, "num_inference_steps": 2, "partial_images": 2}))
+    with pytest.raises(ValueError, match=r"partial_images must be an integer in \[0, 3\], got 4"):
+        Params(partial_images=4)

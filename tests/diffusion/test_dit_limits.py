@@ -41,8 +41,8 @@ def test_both_engines_publish_their_limits(dit_family, dit_engine, executor):
     assert isinstance(native, DiTLimits) and isinstance(black_box, DiTLimits)
     shared = dict(name=dit_family, size_factor=family.size_factor, max_height=2048, max_width=2048,
                   height=None, width=None, max_batch_size=4, max_waiting_requests=8)  # fmt: skip
-    assert native == DiTLimits(**shared, samplers=family.samplers, return_latents=True)
-    assert black_box == DiTLimits(**shared, samplers=(), return_latents=False)
+    assert native == DiTLimits(**shared, samplers=family.samplers, step_level=True)
+    assert black_box == DiTLimits(**shared, samplers=(), step_level=False)
     assert native.max_num_requests == black_box.max_num_requests == 12
     assert pickle.loads(pickle.dumps(native)) == native
 

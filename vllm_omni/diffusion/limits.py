@@ -33,8 +33,9 @@ class DiTLimits:
     """The stage's default width (``DiTConfig.width``); None: the prompt's image or the model decides."""
     samplers: tuple[str, ...]
     """Sampler names a request may pick; empty: the stage runs the folder's own scheduler, leave it unset."""
-    return_latents: bool
-    """Whether ``return_latents`` is served (``output_type="latent"`` always is)."""
+    step_level: bool
+    """Whether the stage runs the native step-level engine, the one that serves ``return_latents`` and
+    ``partial_images`` (``output_type="latent"`` is always served)."""
     max_batch_size: int
     """Most requests run together (``DiTConfig.max_batch_size``)."""
     max_waiting_requests: int
@@ -42,12 +43,12 @@ class DiTLimits:
 
     @classmethod
     def from_config(
-        cls, config: DiTConfig, name: str, size_factor: int, samplers: tuple[str, ...], return_latents: bool
+        cls, config: DiTConfig, name: str, size_factor: int, samplers: tuple[str, ...], step_level: bool
     ) -> DiTLimits:
         """The limits of a stage configured by ``config`` whose model sets the other fields."""
         return cls(
             name=name, size_factor=size_factor, max_height=config.max_height, max_width=config.max_width,
-            height=config.height, width=config.width, samplers=tuple(samplers), return_latents=return_latents,
+            height=config.height, width=config.width, samplers=tuple(samplers), step_level=step_level,
             max_batch_size=config.max_batch_size, max_waiting_requests=config.max_waiting_requests,
         )  # fmt: skip
 
@@ -58,12 +59,16 @@ class DiTLimits:
 
     def check_params(self, params: DiffusionSamplingParams) -> None:
         """Refuse (``ValueError`` naming the field) parameters this stage would refuse whatever the prompt:
-        the size asked for or configured, the sampler, ``return_latents``."""
+        the size asked for or configured, the sampler, ``return_latents``, ``partial_images``."""
         self.check_size(params.height or self.height, params.width or self.width)
         if params.sampler is not None:
             self.check_sampler(params.sampler)
-        if params.return_latents and not self.return_latents:
+        if params.return_latents and not self.step_level:
             raise ValueError("return_latents is not available with use_diffusers; use output_type='latent'")
+        if params.partial_images and not self.step_level:
+            raise ValueError(
+                "partial_images is not available with use_diffusers (it runs whole pipeline calls)"
+            )
 
     def check_request(
         self,

@@ -11,6 +11,7 @@ from vllm_omni.config.utils import from_known_keys
 from vllm_omni.diffusion.prompt_embeds import EMBEDS_KEYS, SIDES
 
 OUTPUT_TYPES = ("pil", "np", "latent")
+MAX_PARTIAL_IMAGES = 3
 PROMPT_KEYS = ("prompt", "negative_prompt", "image", *EMBEDS_KEYS)
 
 
@@ -40,6 +41,9 @@ class DiffusionSamplingParams:
     """``pil`` (list of PIL images), ``np`` (float array in [0, 1], NHWC) or ``latent`` (no VAE decode)."""
     return_latents: bool = False
     """Also return the final latents (CPU tensor)."""
+    partial_images: int = 0
+    """Previews to report while the request denoises (0-3): the image decoded from the latents so far, at
+    evenly spaced steps, each as an output with ``partial_image_index`` before the final one."""
 
     def __post_init__(self) -> None:
         for name in ("height", "width", "num_inference_steps", "seed"):
@@ -58,6 +62,11 @@ class DiffusionSamplingParams:
             raise ValueError(f"strength must be in (0, 1], got {self.strength!r}")
         if self.output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {self.output_type!r}")
+        partial = self.partial_images
+        if isinstance(partial, bool) or not (isinstance(partial, int) and 0 <= partial <= MAX_PARTIAL_IMAGES):
+            raise ValueError(
+                f"partial_images must be an integer in [0, {MAX_PARTIAL_IMAGES}], got {self.partial_images!r}"
+            )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DiffusionSamplingParams:
@@ -84,6 +93,8 @@ class DiffusionRequest:
     sampler: str
     output_type: str
     return_latents: bool
+    partial_images: int = 0
+    """Previews to report while denoising (see ``DiffusionSamplingParams.partial_images``)."""
     prompt_embeds: Any = None
     """The prompt's conditioning given as tensors, in the family's ``encode`` form for one text (checked, on
     the model's device and dtype); used instead of encoding ``prompt``."""
@@ -102,7 +113,8 @@ class DiffusionRequest:
 
 @dataclass
 class DiffusionOutput:
-    """What a DiT stage returns for one request, once: when it finished, failed or was aborted."""
+    """What a DiT stage returns for one request: its previews (``partial_image_index`` set), then once when
+    it finished, failed or was aborted."""
 
     request_id: str
     images: Any = None
@@ -117,6 +129,9 @@ class DiffusionOutput:
     """Why the request failed; None when it succeeded."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Timings in seconds: ``queue`` (arrival to first step) and ``total`` (arrival to output)."""
+    partial_image_index: int | None = None
+    """For a preview: which one (0, 1, ...; ``images`` hold the image decoded from the latents so far);
+    None for the request's final output."""
 
 
 def parse_prompt(prompt: Any) -> dict[str, Any]:

@@ -70,7 +70,9 @@ class DiTStageEngine(StageEngine):
             self.engine.abort_request(request_ids)
 
     def step(self) -> list[StageEvent]:
-        return [StageEvent(out.request_id, out, True, out.error) for out in self.engine.step()]
+        return [
+            StageEvent(o.request_id, o, o.partial_image_index is None, o.error) for o in self.engine.step()
+        ]
 
     def has_unfinished_requests(self) -> bool:
         return self.engine.has_unfinished_requests()

@@ -45,9 +45,10 @@ class DiffusionEngine:
         self.runner.execute_model(self.scheduler.schedule_frees())
 
     def step(self) -> list[DiffusionOutput]:
-        """One denoising step of every running request; returns the requests that ended."""
+        """One denoising step of every running request; returns the requests that ended and the previews
+        (``partial_image_index``) of those that reached a preview step."""
         outputs = self.runner.execute_model(self.scheduler.schedule())
-        self.scheduler.finish_requests([o.request_id for o in outputs])
+        self.scheduler.finish_requests([o.request_id for o in outputs if o.partial_image_index is None])
         outputs, self._aborted = self._aborted + outputs, []
         return outputs
 

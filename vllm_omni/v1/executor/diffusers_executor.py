@@ -216,7 +216,7 @@ def _limits(pipe: Any, family: DiTFamily | None, config: DiTConfig) -> DiTLimits
     """A native family's pipeline refuses sizes that are not multiples of the family's factor (its
     ``check_inputs``); other pipelines differ (many resize instead), so their own checks apply, per call."""
     name, size_factor = (family.name, family.size_factor) if family else (type(pipe).__name__, 1)
-    return DiTLimits.from_config(config, name, size_factor, samplers=(), return_latents=False)
+    return DiTLimits.from_config(config, name, size_factor, samplers=(), step_level=False)
 
 
 def _native_family(pipe: Any, config: DiTConfig) -> DiTFamily | None:

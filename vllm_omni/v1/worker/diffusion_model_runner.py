@@ -50,7 +50,7 @@ class OmniDiffusionModelRunner:
             pipe.enable_xformers_memory_efficient_attention()
         self.family = family = family_cls(pipe, device, dtype)
         self.limits = DiTLimits.from_config(
-            config, family.name, family.size_factor, family.samplers, return_latents=True
+            config, family.name, family.size_factor, family.samplers, step_level=True
         )
         """What this stage accepts (the checks of ``make_request`` that need no model)."""
         self.default_sampler = config.scheduler or type(pipe.scheduler).__name__
@@ -77,6 +77,9 @@ class OmniDiffusionModelRunner:
         width = params.width or config.width or image_w or family.default_size
         self.limits.check_request(params, image is not None, height, width)
         sampler = params.sampler or self.default_sampler
+        steps = _first(params.num_inference_steps, config.num_inference_steps, family.default_steps)
+        if params.partial_images >= steps:
+            raise ValueError(f"partial_images {params.partial_images} must be fewer than the steps ({steps})")
         guidance = float(_first(params.guidance_scale, config.guidance_scale, family.default_guidance))
         cond, uncond = family.given_conditioning(parsed)
         request = DiffusionRequest(
@@ -88,15 +91,14 @@ class OmniDiffusionModelRunner:
             negative_prompt_embeds=uncond if family.guidance_on(guidance) else None,
             height=height,
             width=width,
-            num_inference_steps=_first(
-                params.num_inference_steps, config.num_inference_steps, family.default_steps
-            ),
+            num_inference_steps=steps,
             guidance_scale=guidance,
             seed=params.seed if params.seed is not None else secrets.randbits(63),
             strength=_first(params.strength, DEFAULT_STRENGTH),
             sampler=sampler,
             output_type=params.output_type,
             return_latents=params.return_latents,
+            partial_images=params.partial_images,
         )
         request.batch_key = family.batch_key(request)
         return request
@@ -108,7 +110,9 @@ class OmniDiffusionModelRunner:
         self._free(scheduler_output.finished_req_ids)
         failed = self.add_requests(scheduler_output.new_requests)
         finished, failed_in_step = self._execute(scheduler_output.groups)
-        return failed + failed_in_step + self._take_outputs(finished)
+        return (
+            failed + failed_in_step + self._previews(scheduler_output.groups) + self._take_outputs(finished)
+        )
 
     @torch.inference_mode()
     def add_requests(self, requests: list[DiffusionRequest]) -> list[DiffusionOutput]:
@@ -179,6 +183,20 @@ class OmniDiffusionModelRunner:
                 images[s.request.request_id] = self._postprocess(decoded[i : i + 1], s.request.output_type)
         return [self._output(s, images.get(s.request.request_id)) for s in states]
 
+    @torch.inference_mode()
+    def _previews(self, groups: list[list[str]]) -> list[DiffusionOutput]:
+        """Previews of the requests that just reached one of their preview steps: the image decoded from
+        their latents so far (one VAE pass per request)."""
+        previews = []
+        for state in (self.states[i] for ids in groups for i in ids if i in self.states):
+            index = _preview_index(state)
+            if index is not None and state.request.output_type != "latent":
+                image = self.family.decode(state.latents, output_type="pt")
+                preview = self._output(state, self._postprocess(image, state.request.output_type))
+                preview.partial_image_index, preview.latents = index, None
+                previews.append(preview)
+        return previews
+
     def _postprocess(self, image: torch.Tensor, output_type: str) -> Any:
         processor = self.family.pipe.image_processor
         return processor.postprocess(image, output_type=output_type, do_denormalize=[False])
@@ -207,6 +225,15 @@ class OmniDiffusionModelRunner:
     def running_bytes(self) -> int:
         """Bytes held by the denoising states of the running batch."""
         return sum(s.nbytes() for s in self.states.values())
+
+
+def _preview_index(state: DenoiseState) -> int | None:
+    """Which preview ``state`` owes now: previews k = 0..p-1 fall after step round((k + 1) * n / (p + 1))."""
+    count, total = state.request.partial_images, len(state.timesteps)
+    if not count or state.finished:
+        return None
+    steps = [round((k + 1) * total / (count + 1)) for k in range(count)]
+    return steps.index(state.step_index) if state.step_index in steps else None
 
 
 def _first(*values: Any) -> Any:
