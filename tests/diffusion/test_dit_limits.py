@@ -40,11 +40,16 @@ def test_both_engines_publish_their_limits(dit_family, dit_engine, executor):
     native, black_box, family = dit_engine.limits, executor.limits, dit_engine.runner.family
     assert isinstance(native, DiTLimits) and isinstance(black_box, DiTLimits)
     shared = dict(name=dit_family, size_factor=family.size_factor, max_height=2048, max_width=2048,
-                  height=None, width=None, max_batch_size=4, max_waiting_requests=8)  # fmt: skip
+                  height=None, width=None, max_batch_size=4, max_waiting_requests=8,
+                  model_max_size=family.max_size)  # fmt: skip
     assert native == DiTLimits(**shared, samplers=family.samplers, step_level=True)
     assert black_box == DiTLimits(**shared, samplers=(), step_level=False)
     assert native.max_num_requests == black_box.max_num_requests == 12
     assert pickle.loads(pickle.dumps(native)) == native
+    if dit_family == "sd3":  # its position embedding: 32 patches of 4 pixels per side in the tiny model
+        assert native.model_max_size == 128
+        with pytest.raises(ValueError, match=r"height 256 exceeds what sd3 takes \(128\)"):
+            native.check_size(256, 64)
 
 
 def refusals(family: str, kind: str) -> list[tuple[dict, str]]:

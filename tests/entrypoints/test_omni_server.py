@@ -6,7 +6,9 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import io
+import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -60,6 +62,17 @@ def test_images_generate_equals_the_dit_engine_with_the_same_seed(client):
         assert diff.max() <= 1  # the same image (uint8, another batch layout)
 
 
+def test_streamed_previews_then_the_completed_image(client):
+    seed = {"seed": 2}
+    stream = client.images.generate(prompt="a red sunset", stream=True, partial_images=1, extra_body=seed)
+    events = list(stream)
+    assert [e.type for e in events] == ["image_generation.partial_image", "image_generation.completed"]
+    assert events[0].partial_image_index == 0 and decode(events[0].b64_json).size == (32, 32)
+    whole = client.images.generate(prompt="a red sunset", extra_body=seed).data[0].b64_json
+    assert events[1].b64_json == whole  # previews leave the image alone
+    assert events[0].b64_json != whole
+
+
 def test_output_formats_and_quality(client):
     jpeg = client.images.generate(prompt="a cat", output_format="jpeg", output_compression=50, quality="low")
     assert decode(jpeg.data[0].b64_json).format == "JPEG" and jpeg.output_format == "jpeg"
@@ -92,6 +105,7 @@ BAD_REQUESTS = [
     ({"prompt": "x", "size": "30x32"}, "size"),
     ({"prompt": "x", "size": "big"}, "size"),
     ({"prompt": "x", "size": "4096x4096"}, "size"),
+    ({"prompt": "x", "size": "256x256"}, "size"),  # more than the tiny SD3's position embedding covers
     ({"prompt": "x", "response_format": "url"}, "response_format"),
     ({"prompt": "x", "background": "transparent"}, "background"),
     ({"prompt": "x", "output_format": "gif"}, "output_format"),
@@ -102,6 +116,9 @@ BAD_REQUESTS = [
     ({"prompt": "x", "guidance_scale": -1}, "guidance_scale"),
     ({"prompt": "x", "seed": -1}, "seed"),
     ({"prompt": "x", "style": "vivid"}, "style"),
+    ({"prompt": "x", "stream": True, "n": 2}, "n"),
+    ({"prompt": "x", "partial_images": 1}, "partial_images"),
+    ({"prompt": "x", "stream": True, "partial_images": 4}, "partial_images"),
 ]
 
 
@@ -149,13 +166,28 @@ def test_health_info_models_and_generate(url):
 
 def test_a_client_that_goes_away_aborts_its_request_in_the_stage(url):
     slow = {"prompt": "slow", "params": {"0": {"num_inference_steps": 20_000}}}
-    for _ in range(3):
-        with pytest.raises(requests.exceptions.ReadTimeout):  # the client gives up and closes the connection
-            requests.post(f"{url}/generate", json=slow, timeout=1.5)
-    deadline = time.monotonic() + 30
-    while (stats := requests.get(f"{url}/info", timeout=10).json()["stages"][0]["stats"])["running"]:
+    slow_stream = {"prompt": "slow", "num_inference_steps": 1000, "stream": True, "partial_images": 1}
+    for path, body in (("/generate", slow), ("/generate", slow), ("/v1/images/generations", slow_stream)):
+        with socket.create_connection(_address(url)) as client:  # sends, waits until it runs, hangs up
+            request = json.dumps(body).encode()
+            head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            client.sendall(f"{head}Content-Length: {len(request)}\r\n\r\n".encode() + request)
+            _wait_for(url, lambda stats: stats["running"] == 1)
+        stats = _wait_for(url, lambda stats: stats["running"] == 0)
+        assert (stats["waiting"], stats["states"], stats["running_bytes"]) == (0, 0, 0)
+
+
+def _address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def _wait_for(url: str, condition, timeout: float = 60) -> dict:
+    """The DiT stage's stats once ``condition`` holds (polled)."""
+    deadline = time.monotonic() + timeout
+    while not condition(stats := requests.get(f"{url}/info", timeout=10).json()["stages"][0]["stats"]):
         assert time.monotonic() < deadline, stats
-    assert (stats["running"], stats["waiting"], stats["states"], stats["running_bytes"]) == (0, 0, 0, 0)
+    return stats
 
 
 def test_the_api_key_guards_everything_but_health():

@@ -40,16 +40,25 @@ class DiTLimits:
     """Most requests run together (``DiTConfig.max_batch_size``)."""
     max_waiting_requests: int
     """Most requests queued behind a full batch (``DiTConfig.max_waiting_requests``)."""
+    model_max_size: int | None = None
+    """Largest height and width the model itself takes (e.g. SD3's position embedding); None: no limit."""
 
     @classmethod
     def from_config(
-        cls, config: DiTConfig, name: str, size_factor: int, samplers: tuple[str, ...], step_level: bool
+        cls,
+        config: DiTConfig,
+        name: str,
+        size_factor: int,
+        samplers: tuple[str, ...],
+        step_level: bool,
+        model_max_size: int | None = None,
     ) -> DiTLimits:
         """The limits of a stage configured by ``config`` whose model sets the other fields."""
         return cls(
             name=name, size_factor=size_factor, max_height=config.max_height, max_width=config.max_width,
             height=config.height, width=config.width, samplers=tuple(samplers), step_level=step_level,
             max_batch_size=config.max_batch_size, max_waiting_requests=config.max_waiting_requests,
+            model_max_size=model_max_size,
         )  # fmt: skip
 
     @property
@@ -95,6 +104,8 @@ class DiTLimits:
                 raise ValueError(f"{name} must be a multiple of {factor} for {self.name}, got {value}")
             if value > limit:
                 raise ValueError(f"{name} {value} exceeds the stage's maximum (DiTConfig.max_{name}={limit})")
+            if self.model_max_size is not None and value > self.model_max_size:
+                raise ValueError(f"{name} {value} exceeds what {self.name} takes ({self.model_max_size})")
 
     def check_sampler(self, sampler: str, field: str = "sampler") -> None:
         """Refuse a sampler this stage cannot run; ``field`` names where it was set."""

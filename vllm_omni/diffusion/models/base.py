@@ -104,6 +104,11 @@ class DiTFamily:
     def default_size(self) -> int:
         raise NotImplementedError
 
+    @property
+    def max_size(self) -> int | None:
+        """Largest image height and width the model takes; None: no limit of its own."""
+        return None
+
     def guidance_on(self, guidance_scale: float) -> bool:
         """Whether this scale means classifier-free guidance (a negative-prompt pass) for this family."""
         raise NotImplementedError

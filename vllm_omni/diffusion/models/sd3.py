@@ -31,6 +31,12 @@ class SD3Family(DiTFamily):
     def default_size(self) -> int:
         return self.pipe.default_sample_size * self.pipe.vae_scale_factor
 
+    @property
+    def max_size(self) -> int | None:
+        """The position embedding covers ``pos_embed_max_size`` patches per side."""
+        patches = self.transformer.config.pos_embed_max_size
+        return None if patches is None else patches * self.size_factor
+
     def guidance_on(self, guidance_scale: float) -> bool:
         return guidance_scale > 1
 

@@ -12,14 +12,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import signal
 import sys
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from vllm_omni.config.stage import OmniStageConfig
@@ -28,6 +29,7 @@ from vllm_omni.entrypoints.openai.images import (
     ImageGenerationRequest,
     ImageRequestError,
     encode_image,
+    image_event,
     images_response,
     parse_size,
 )
@@ -74,37 +76,57 @@ class OmniServer:
     """Generation requests being served now."""
 
     async def run(self, request: Request, work: Awaitable[Any]) -> Any:
-        """Serve ``work`` under admission; a client that goes away cancels it (aborting every stage)."""
-        if self.held >= self.max_queued_requests:
-            message = f"the server holds {self.held} requests (--max-queued-requests); retry later"
-            raise ServerError(429, message, kind="rate_limit_exceeded")
-        self.held += 1
-        task = asyncio.ensure_future(work)
+        """Serve ``work`` under admission (``admit``) while the client is there (``watch``)."""
+        self.admit()
         try:
-            while not task.done():
-                await asyncio.wait([task], timeout=DISCONNECT_POLL_SECONDS)
-                if not task.done() and await request.is_disconnected():
-                    task.cancel()
-            return await task
+            return await watch(request, work)
         finally:
             self.held -= 1
-            if not task.done():
-                task.cancel()
 
     async def generate(self, prompt: Any, params: list[Any]) -> Any:
         """One request through the pipeline; its finished result (pipeline errors as ``ServerError``)."""
+        async for output in self.stream(prompt, params):
+            result = output
+        if result.error is not None:
+            raise self.failure(result.error)
+        return result
+
+    async def stream(self, prompt: Any, params: list[Any]) -> AsyncIterator[Any]:
+        """The request's snapshots; errors before it runs as ``ServerError`` (400, 429, 503)."""
         try:
             async for output in self.omni.generate(prompt, params):
-                result = output
+                yield output
         except ValueError as error:
             raise ServerError(400, str(error)) from None
         except OmniQueueFullError as error:
             raise ServerError(429, str(error), kind="rate_limit_exceeded") from None
         except OmniStageError as error:
             raise ServerError(503, str(error), kind="server_error") from None
-        if result.error is not None:  # 503 once a stage is gone: the pipeline serves no more
-            raise ServerError(503 if self.omni.manager.dead else 500, result.error, kind="server_error")
-        return result
+
+    def failure(self, error: str) -> ServerError:
+        """A request that failed in a stage: 500, or 503 once a stage is gone (the pipeline is done)."""
+        return ServerError(503 if self.omni.manager.dead else 500, error, kind="server_error")
+
+    def admit(self) -> None:
+        """Hold one more request, or refuse it (429) when ``max_queued_requests`` are held."""
+        if self.held >= self.max_queued_requests:
+            message = f"the server holds {self.held} requests (--max-queued-requests); retry later"
+            raise ServerError(429, message, kind="rate_limit_exceeded")
+        self.held += 1
+
+
+async def watch(request: Request, work: Awaitable[Any]) -> Any:
+    """Await ``work``; a client that goes away cancels it (which aborts its request in every stage)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            await asyncio.wait([task], timeout=DISCONNECT_POLL_SECONDS)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+        return await task
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 def build_app(server: OmniServer) -> FastAPI:
@@ -142,9 +164,13 @@ def _add_routes(app: FastAPI) -> None:
         }
 
     @app.post("/v1/images/generations")
-    async def images_generations(body: ImageGenerationRequest, request: Request) -> dict[str, Any]:
+    async def images_generations(body: ImageGenerationRequest, request: Request) -> Any:
         server = _server(request)
-        return await server.run(request, _generate_images(server, body))
+        prompt, params = _image_request(server, body)
+        if body.stream:
+            return await _stream_images(request, body, prompt, params[0])
+        results = await server.run(request, asyncio.gather(*(server.generate(prompt, p) for p in params)))
+        return images_response(body, results)
 
     @app.post("/generate")
     async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
@@ -154,7 +180,10 @@ def _add_routes(app: FastAPI) -> None:
         return _generate_response(server, result)
 
 
-async def _generate_images(server: OmniServer, body: ImageGenerationRequest) -> dict[str, Any]:
+def _image_request(
+    server: OmniServer, body: ImageGenerationRequest
+) -> tuple[dict[str, str], list[list[Any]]]:
+    """The pipeline prompt and each image's stage params of a checked images request."""
     stages = server.omni.stages
     if stages[-1].engine_type != "dit":
         raise ServerError(400, "this pipeline does not end in a 'dit' stage: it makes no images", "model")
@@ -169,10 +198,52 @@ async def _generate_images(server: OmniServer, body: ImageGenerationRequest) -> 
     prompt = {"prompt": body.prompt}
     if body.negative_prompt is not None:
         prompt["negative_prompt"] = body.negative_prompt
-    results = await asyncio.gather(
-        *(server.generate(prompt, _image_params(stages, body, i)) for i in range(body.n))
-    )
-    return images_response(body, results)
+    return prompt, [_image_params(stages, body, i) for i in range(body.n)]
+
+
+async def _stream_images(
+    request: Request, body: ImageGenerationRequest, prompt: dict[str, str], params: list[Any]
+) -> StreamingResponse:
+    """Server-sent events of one image; errors before the first snapshot are plain HTTP errors. A client
+    that goes away cancels the stream, which aborts the request in every stage."""
+    server = _server(request)
+    server.admit()
+    try:
+        snapshots = server.stream(prompt, params)
+        first = await watch(request, anext(snapshots))
+    except BaseException:
+        server.held -= 1
+        raise
+    return StreamingResponse(_image_events(server, body, first, snapshots), media_type="text/event-stream")
+
+
+async def _image_events(
+    server: OmniServer, body: ImageGenerationRequest, first: Any, snapshots: AsyncIterator[Any]
+) -> AsyncIterator[str]:
+    last = len(server.omni.stages) - 1
+    try:
+        output = first
+        while True:
+            stage_output = output.stage_outputs.get(last) if output.stage_id == last else None
+            if output.finished:
+                if output.error is not None:
+                    failure = server.failure(output.error)
+                    yield _sse("error", {"error": {"message": str(failure), "type": failure.kind,
+                                                   "param": None, "code": failure.status}})  # fmt: skip
+                else:
+                    yield _sse("image_generation.completed", image_event(body, output.images[0], None))
+                return
+            index = getattr(stage_output, "partial_image_index", None)
+            if index is not None:
+                yield _sse("image_generation.partial_image", image_event(body, stage_output.images[0], index))
+            output = await anext(snapshots)
+    finally:
+        server.held -= 1
+        await snapshots.aclose()
+
+
+def _sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
 def _check_size(server: OmniServer, body: ImageGenerationRequest) -> None:
@@ -193,7 +264,10 @@ def _image_params(stages: list[OmniStageConfig], body: ImageGenerationRequest, i
     params = []
     for stage in stages:
         full_steps = stage.dit_config.num_inference_steps if stage.dit_config is not None else None
-        params.append(body.dit_params(index, full_steps) if stage.engine_type == "dit" else None)
+        dit_params = body.dit_params(index, full_steps) if stage.engine_type == "dit" else None
+        if stage is stages[-1] and body.partial_images:  # the final image's previews
+            dit_params["partial_images"] = body.partial_images
+        params.append(dit_params)
     return params
 
 

@@ -49,6 +49,11 @@ class ImageGenerationRequest(BaseModel):
     num_inference_steps: int | None = Field(None, ge=1, le=1000)
     guidance_scale: float | None = Field(None, ge=0, le=100)
     seed: int | None = Field(None, ge=0, lt=2**63)
+    stream: bool = False
+    """Send server-sent events: ``image_generation.partial_image`` previews, then
+    ``image_generation.completed`` (one image: ``n`` must be 1)."""
+    partial_images: int = Field(0, ge=0, le=3)
+    """Previews to stream while the image denoises (with ``stream``)."""
 
     @field_validator("size")
     @classmethod
@@ -67,6 +72,10 @@ class ImageGenerationRequest(BaseModel):
             raise ImageRequestError(
                 "background", "transparent backgrounds are not served; use 'opaque' or 'auto'"
             )
+        if self.stream and self.n != 1:
+            raise ImageRequestError("n", "a streamed request makes one image (n=1)")
+        if self.partial_images and not self.stream:
+            raise ImageRequestError("partial_images", "partial images are streamed: set stream to true")
         if self.output_compression is not None and self.output_format == "png":
             raise ImageRequestError("output_compression", "output_compression is for 'jpeg' and 'webp'")
 
@@ -98,6 +107,31 @@ def encode_image(image: Any, output_format: str, compression: int | None) -> str
     options = {} if compression is None else {"quality": compression}
     image.save(buffer, format=IMAGE_FORMATS[output_format], **options)
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+def image_event(
+    request: ImageGenerationRequest, image: Any, partial_image_index: int | None
+) -> dict[str, Any]:
+    """An ``image_generation.partial_image`` event (``partial_image_index`` set) or the
+    ``image_generation.completed`` one."""
+    width, height = image.size
+    event = {
+        "type": "image_generation.completed"
+        if partial_image_index is None
+        else "image_generation.partial_image",
+        "b64_json": encode_image(image, request.output_format, request.output_compression),
+        "created_at": int(time.time()),
+        "size": f"{width}x{height}",
+        "quality": request.quality,
+        "background": "opaque",
+        "output_format": request.output_format,
+    }
+    if partial_image_index is None:
+        event["usage"] = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+                          "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}  # fmt: skip
+    else:
+        event["partial_image_index"] = partial_image_index
+    return event
 
 
 def images_response(request: ImageGenerationRequest, results: list[Any]) -> dict[str, Any]:

@@ -215,8 +215,10 @@ class DiffusersPipelineExecutor:
 def _limits(pipe: Any, family: DiTFamily | None, config: DiTConfig) -> DiTLimits:
     """A native family's pipeline refuses sizes that are not multiples of the family's factor (its
     ``check_inputs``); other pipelines differ (many resize instead), so their own checks apply, per call."""
-    name, size_factor = (family.name, family.size_factor) if family else (type(pipe).__name__, 1)
-    return DiTLimits.from_config(config, name, size_factor, samplers=(), step_level=False)
+    if family is None:
+        return DiTLimits.from_config(config, type(pipe).__name__, 1, samplers=(), step_level=False)
+    return DiTLimits.from_config(config, family.name, family.size_factor, samplers=(), step_level=False,
+                                 model_max_size=family.max_size)  # fmt: skip
 
 
 def _native_family(pipe: Any, config: DiTConfig) -> DiTFamily | None:

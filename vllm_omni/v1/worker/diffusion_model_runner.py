@@ -50,7 +50,12 @@ class OmniDiffusionModelRunner:
             pipe.enable_xformers_memory_efficient_attention()
         self.family = family = family_cls(pipe, device, dtype)
         self.limits = DiTLimits.from_config(
-            config, family.name, family.size_factor, family.samplers, step_level=True
+            config,
+            family.name,
+            family.size_factor,
+            family.samplers,
+            step_level=True,
+            model_max_size=family.max_size,
         )
         """What this stage accepts (the checks of ``make_request`` that need no model)."""
         self.default_sampler = config.scheduler or type(pipe.scheduler).__name__
