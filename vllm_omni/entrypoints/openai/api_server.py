@@ -1,7 +1,8 @@
 """The omni HTTP server: one FastAPI app on uvicorn in front of an ``AsyncOmniLLM``.
 
-Endpoints: ``POST /v1/images/generations`` (OpenAI Images API), ``POST /generate`` (native, any
-pipeline), ``GET /health``, ``GET /info``, ``GET /v1/models``. Every error uses OpenAI's schema
+Endpoints: ``POST /v1/images/generations`` and ``POST /v1/images/edits`` (OpenAI Images API; edits:
+image-to-image from a multipart form), ``POST /generate`` (native, any pipeline), ``GET /health``,
+``GET /info``, ``GET /v1/models``. Every error uses OpenAI's schema
 ``{"error": {"message", "type", "param", "code"}}``; ``--api-key`` guards every endpoint but ``/health``;
 at most ``--max-queued-requests`` generation requests are held at once (more: 429 with ``Retry-After``).
 A client that goes away aborts its request in every stage.
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ConfigDict
 
 from vllm_omni.config.stage import OmniStageConfig
 from vllm_omni.entrypoints.async_omni_llm import AsyncOmniLLM
+from vllm_omni.entrypoints.openai.image_edits import read_image_edit, refuses_image
 from vllm_omni.entrypoints.openai.images import (
     ImageGenerationRequest,
     ImageRequestError,
@@ -171,6 +173,22 @@ def _add_routes(app: FastAPI) -> None:
             return await _stream_images(request, body, prompt, params[0])
         results = await server.run(request, asyncio.gather(*(server.generate(prompt, p) for p in params)))
         return images_response(body, results)
+
+    @app.post("/v1/images/edits")
+    async def images_edits(request: Request) -> Any:
+        server = _server(request)
+        try:
+            edit = await read_image_edit(request, server.omni.stages, server.omni.manager.running.limits)
+        except ImageRequestError as error:
+            raise ServerError(400, str(error), error.param) from None
+        prompt, params = edit.pipeline_request(*_image_request(server, edit.body))
+        try:
+            work = asyncio.gather(*(server.generate(prompt, p) for p in params))
+            return images_response(edit.body, await server.run(request, work))
+        except ServerError as error:  # a dit stage that takes no init image refuses it when it is added
+            if error.param is None and refuses_image(str(error)):
+                raise ServerError(400, str(error), "image") from None
+            raise
 
     @app.post("/generate")
     async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
