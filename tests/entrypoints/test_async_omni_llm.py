@@ -140,7 +140,7 @@ def test_a_later_stage_rejection_is_refused_before_any_stage_runs(omni):
         run(collect(omni, "bad logprobs", [SamplingParams(max_tokens=2, logprobs=100_000), None]))
     assert run(omni.stage_stats(0))["unfinished"] == 0  # stage 0 never saw them
     _assert_idle(omni)
-    with pytest.raises(ValueError, match="output_kind DELTA is not supported in a pipeline"):
+    with pytest.raises(ValueError, match="DELTA is not supported on a stage that feeds a later one"):
         from vllm.sampling_params import RequestOutputKind
 
         run(collect(omni, "x", [SamplingParams(output_kind=RequestOutputKind.DELTA), None]))

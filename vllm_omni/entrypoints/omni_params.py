@@ -19,11 +19,15 @@ def pipeline_params(
     (``streaming``: whether snapshots are wanted while a request runs; e.g. an AR stage then streams its
     tokens only when it is a final stage without hidden states).
     """
+    read = {stage.source_stage for stage in stages}
     per_stage = []
     for index, stage in enumerate(stages):
         kind = get_stage_kind(stage.engine_type)
         entries = _per_prompt(_stage_entry(sampling_params, len(stages), index), num_prompts)
-        per_stage.append([kind.prepare_params(stage, kind.make_params(stage, e), streaming) for e in entries])
+        handed_on = stage.stage_id in read
+        per_stage.append(
+            [kind.prepare_params(stage, kind.make_params(stage, e), streaming, handed_on) for e in entries]
+        )
     return [list(p) for p in zip(*per_stage, strict=True)]
 
 

@@ -32,3 +32,6 @@ class OmniRequestOutput:
     """Whether the request has left the pipeline (done, failed or aborted)."""
     error: str | None = None
     """Why the request failed or stopped (naming the stage, or ``aborted``); None on success."""
+    refused: bool = False
+    """Whether a stage refused the request's input (the caller's fault, e.g. a token id out of the
+    vocabulary; ``error`` says why) rather than failing while serving it."""

@@ -317,6 +317,7 @@ class StageManager:
         for hop_id in hop_ids:
             request = self.requests.get(self._hops.get(hop_id, ""))
             if request is not None:
+                request.result.refused = value[0] == "ValueError"
                 self._end(request, error=f"{self.stages[stage_id].label}: {value[0]}: {value[1]}")
 
     def _snapshot(self, request: _Request, stage_id: int) -> None:

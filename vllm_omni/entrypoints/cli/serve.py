@@ -20,9 +20,11 @@ from vllm_omni.config.stage import (
     create_dit_stage_config,
     load_stage_configs,
 )
+from vllm_omni.entrypoints.openai.text_serving import add_chat_args
 
-DESCRIPTION = """Serve an omni pipeline: OpenAI Images API (/v1/images/generations), the native /generate,
-/health, /info and /v1/models.
+DESCRIPTION = """Serve an omni pipeline: OpenAI Images API (/v1/images/generations), /v1/chat/completions and
+/v1/completions (pipelines from an ar stage to an ar stage), the native /generate, /health, /info and
+/v1/models.
 
   vllm serve MODEL --omni                         a diffusers folder, a vLLM model or a stage YAML file
   vllm serve --omni --stage-config pipeline.yaml
@@ -49,6 +51,9 @@ class OmniServeCommand:
         parser.add_argument("--omni", action="store_true", required=True, help="serve an omni pipeline")
         _add_pipeline_args(parser.add_argument_group("pipeline"))
         _add_server_args(parser.add_argument_group("server"))
+        add_chat_args(
+            parser.add_argument_group("chat and completions (pipelines from an ar stage to an ar stage)")
+        )
         AsyncEngineArgs.add_cli_args(parser.add_argument_group("ar stages: vLLM engine arguments"))
         parser.set_defaults(dispatch_function=OmniServeCommand.cmd)
         return parser

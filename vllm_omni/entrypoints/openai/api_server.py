@@ -23,6 +23,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
+from vllm.exceptions import VLLMError
 
 from vllm_omni.config.stage import OmniStageConfig
 from vllm_omni.entrypoints.async_omni_llm import AsyncOmniLLM
@@ -35,6 +36,7 @@ from vllm_omni.entrypoints.openai.images import (
     images_response,
     parse_size,
 )
+from vllm_omni.entrypoints.openai.text_serving import attach_text_serving, serves_text
 from vllm_omni.pipeline.kinds import get_stage_kind
 from vllm_omni.pipeline.running_stages import OmniStageError
 from vllm_omni.pipeline.stage_manager import OmniQueueFullError
@@ -89,6 +91,8 @@ class OmniServer:
         """One request through the pipeline; its finished result (pipeline errors as ``ServerError``)."""
         async for output in self.stream(prompt, params):
             result = output
+        if result.refused:
+            raise ServerError(400, result.error)
         if result.error is not None:
             raise self.failure(result.error)
         return result
@@ -111,10 +115,14 @@ class OmniServer:
 
     def admit(self) -> None:
         """Hold one more request, or refuse it (429) when ``max_queued_requests`` are held."""
+        self.check_room()
+        self.held += 1
+
+    def check_room(self) -> None:
+        """Refuse (429) a request while ``max_queued_requests`` are held."""
         if self.held >= self.max_queued_requests:
             message = f"the server holds {self.held} requests (--max-queued-requests); retry later"
             raise ServerError(429, message, kind="rate_limit_exceeded")
-        self.held += 1
 
 
 async def watch(request: Request, work: Awaitable[Any]) -> Any:
@@ -131,15 +139,20 @@ async def watch(request: Request, work: Awaitable[Any]) -> Any:
             task.cancel()
 
 
-def build_app(server: OmniServer) -> FastAPI:
-    """The app serving ``server``'s pipeline."""
+def build_app(server: OmniServer, args: argparse.Namespace | None = None) -> FastAPI:
+    """The app serving ``server``'s pipeline; with vLLM's chat and completion routes where the pipeline
+    ``serves_text`` (set up from the command line's ``args``)."""
     # The key is checked by a dependency, not an HTTP middleware: Starlette's BaseHTTPMiddleware hides a
     # client's disconnect from the route, which must abort the request.
     app = FastAPI(title="vLLM-Omni", version=__version__, dependencies=[Depends(_check_api_key)])
     app.state.server = server
     app.add_exception_handler(ServerError, _server_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    for error_type in (VLLMError, ValueError, TypeError, OverflowError, NotImplementedError):
+        app.add_exception_handler(error_type, _vllm_error)  # raised by vLLM's routes
     _add_routes(app)
+    if serves_text(server.omni.stages):
+        attach_text_serving(app, server, args or argparse.Namespace())
     return app
 
 
@@ -348,6 +361,14 @@ async def _server_error(request: Request, error: ServerError) -> JSONResponse:
     return response
 
 
+async def _vllm_error(request: Request, error: Exception) -> JSONResponse:
+    """An exception out of vLLM's routes, as vLLM's server answers it (status, type, param)."""
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+    info = create_error_response(error).error
+    return _error_response(info.code, info.message, info.param, info.type)
+
+
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     first = error.errors()[0]
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
@@ -377,7 +398,7 @@ def run_server(args: argparse.Namespace, stages: list[OmniStageConfig]) -> None:
     signal.signal(signal.SIGTERM, lambda *_: None)
     signal.signal(signal.SIGINT, lambda *_: None)
     try:
-        uvicorn.run(build_app(server), host=args.host, port=args.port, log_level="info",
+        uvicorn.run(build_app(server, args), host=args.host, port=args.port, log_level="info",
                     timeout_graceful_shutdown=DRAIN_TIMEOUT_SECONDS)  # fmt: skip
     finally:
         omni.shutdown()

@@ -87,17 +87,18 @@ class ARStageKind(StageKind):
             params.extra_args = {**(params.extra_args or {}), "prompt_hidden_states": True}
         return params
 
-    def prepare_params(self, config: OmniStageConfig, params: Any, streaming: bool) -> Any:
+    def prepare_params(self, config: OmniStageConfig, params: Any, streaming: bool, handed_on: bool) -> Any:
         """Stream tokens (each a snapshot) only where someone sees them: when ``streaming``, on a final
-        stage, without hidden states (not the tensor with every token); DELTA cannot be handed on."""
+        stage, without hidden states (not the tensor with every token). DELTA (each snapshot holds the new
+        tokens only, as vLLM's server streams) only where no later stage needs the whole output."""
         from vllm.sampling_params import RequestOutputKind
 
         if not streaming or not config.final_output or "hidden_states" in config.output_modalities:
             params.output_kind = RequestOutputKind.FINAL_ONLY
-        elif params.output_kind == RequestOutputKind.DELTA:
+        elif params.output_kind == RequestOutputKind.DELTA and handed_on:
             raise ValueError(
-                f"stage {config.stage_id}: output_kind DELTA is not supported in a pipeline; "
-                "use CUMULATIVE (the default) or FINAL_ONLY"
+                f"stage {config.stage_id}: output_kind DELTA is not supported on a stage that feeds a "
+                "later one; use CUMULATIVE (the default) or FINAL_ONLY"
             )
         return params
 

@@ -92,8 +92,9 @@ class StageKind:
         """The stage's params object for a user's ``entry``: ``None``, a dict of its fields, or the object."""
         raise NotImplementedError
 
-    def prepare_params(self, config: OmniStageConfig, params: Any, streaming: bool) -> Any:
-        """Adjust ``params`` to how the pipeline runs (``streaming``: snapshots are wanted while it runs)."""
+    def prepare_params(self, config: OmniStageConfig, params: Any, streaming: bool, handed_on: bool) -> Any:
+        """Adjust ``params`` to how the pipeline runs (``streaming``: snapshots are wanted while it runs;
+        ``handed_on``: a later stage reads this stage's output)."""
         return params
 
     def check_params(self, limits: Any, params: Any) -> None:

@@ -1,0 +1,185 @@
+"""``/v1/chat/completions`` and ``/v1/completions`` for pipelines that start and end with an ``ar`` stage.
+
+They are vLLM's own: its routes and its ``OpenAIServingChat`` / ``OpenAIServingCompletion`` render each
+request in the server (chat template, tokenizer, multimodal processor of the first stage's model), check it,
+build its ``SamplingParams`` and turn the engine's ``RequestOutput``s into responses and SSE chunks. The
+engine they ask is ``PipelineEngineClient``: it sends the rendered input through the pipeline and yields
+the last stage's outputs. So validation, streaming, logprobs, usage, tool and reasoning parsers and the
+mm_embedding fields (vllm-omni's patches of those classes) are what ``vllm serve`` gives without ``--omni``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import AsyncIterator
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI
+
+if TYPE_CHECKING:
+    from vllm_omni.entrypoints.openai.api_server import OmniServer
+
+CHAT_FLAGS = {
+    "chat_template": "the chat template (a file or the template itself; default: the tokenizer's)",
+    "chat_template_content_format": "how message content is passed to the template: auto, string, openai",
+    "response_role": "the role of the generated message (default: assistant)",
+    "tool_call_parser": "parse tool calls out of the generated text with this vLLM tool parser",
+}
+"""The chat flags of ``vllm serve`` that ``vllm serve --omni`` takes too (vLLM's meaning and defaults)."""
+CHAT_SWITCHES = {
+    "enable_auto_tool_choice": "let the model call tools on its own (needs --tool-call-parser)",
+    "enable_prompt_tokens_details": "report cached prompt tokens in usage.prompt_tokens_details",
+    "enable_force_include_usage": "include usage in every response, streamed ones too",
+}
+
+
+def serves_text(stages: list[Any]) -> bool:
+    """Whether the pipeline takes a prompt and returns text the way a vLLM engine does: it starts and ends
+    with an ``ar`` stage."""
+    return stages[0].engine_type == "ar" and stages[-1].engine_type == "ar"
+
+
+def add_chat_args(group: Any) -> None:
+    """``vllm serve``'s chat flags (see ``CHAT_FLAGS``) on ``group``."""
+    for name, help_text in CHAT_FLAGS.items():
+        group.add_argument(f"--{name.replace('_', '-')}", help=help_text)
+    for name, help_text in CHAT_SWITCHES.items():
+        group.add_argument(f"--{name.replace('_', '-')}", action="store_true", help=help_text)
+
+
+class PipelineEngineClient:
+    """The part of vLLM's ``EngineClient`` that its OpenAI serving classes use, over the server's pipeline.
+
+    A request's rendered input goes to the first stage; its ``SamplingParams`` to the last (the stage
+    whose text is returned; other stages use their defaults). The pipeline streams that stage's tokens as
+    vLLM's ``AsyncLLM`` does (``output_kind`` DELTA or FINAL_ONLY, as the serving class asks). LoRA,
+    priorities, data-parallel ranks, sessions and KV hints are not used by the pipeline.
+    """
+
+    def __init__(self, server: OmniServer, vllm_config: Any) -> None:
+        from vllm.renderers import renderer_from_config
+        from vllm.v1.engine.input_processor import InputProcessor
+
+        self.server = server
+        self.vllm_config = vllm_config
+        self.model_config = vllm_config.model_config
+        self.renderer = renderer_from_config(vllm_config)
+        self.input_processor = InputProcessor(vllm_config, self.renderer)
+
+    @property
+    def errored(self) -> bool:
+        return self.server.omni.manager.dead is not None
+
+    @property
+    def dead_error(self) -> Exception:
+        from vllm.exceptions import GracefulHTTPError
+
+        return GracefulHTTPError(str(self.server.omni.manager.dead), HTTPStatus.SERVICE_UNAVAILABLE)
+
+    def check_admission(self, n: int = 1, request_id: str | None = None) -> None:
+        """Refuse a request (429) while the server holds ``--max-queued-requests``."""
+        self.server.check_room()
+
+    async def generate(
+        self, prompt: Any, sampling_params: Any, request_id: str, **_unused: Any
+    ) -> AsyncIterator[Any]:
+        """The last stage's ``RequestOutput``s of one request. A request a stage refuses raises ValueError
+        (400), one that fails in a stage vLLM's ``GenerationError`` (500, or 503 once a stage is gone)."""
+        from vllm.exceptions import GenerationError
+
+        omni = self.server.omni
+        last = len(omni.stages) - 1
+        params = [None] * last + [sampling_params]
+        self.server.held += 1
+        try:
+            async for output in omni.generate(prompt, params if last else sampling_params, request_id):
+                if output.refused:
+                    raise ValueError(output.error)
+                if output.error is not None:
+                    error = GenerationError(output.error)
+                    error.status_code = HTTPStatus(self.server.failure(output.error).status)
+                    raise error
+                if output.stage_id == last and last in output.stage_outputs:
+                    yield output.stage_outputs[last]
+        finally:
+            self.server.held -= 1
+
+    async def abort(self, request_id: str | list[str]) -> None:
+        await self.server.omni.abort(request_id)
+
+
+def attach_text_serving(app: FastAPI, server: OmniServer, args: argparse.Namespace) -> None:
+    """Serve vLLM's chat and completion routes on ``app`` over ``server``'s pipeline (one that
+    ``serves_text``), configured like ``vllm serve`` from ``args``."""
+    from vllm.entrypoints.openai.chat_completion.api_router import router as chat_router
+    from vllm.entrypoints.openai.chat_completion.batch_serving import OpenAIServingChatBatch
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    from vllm.entrypoints.openai.completion.api_router import router as completion_router
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+    from vllm.entrypoints.openai.models.protocol import BaseModelPath
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.renderers.chat_utils import load_chat_template
+    from vllm.renderers.online_renderer import OnlineRenderer
+
+    frontend = _frontend_args(args)
+    client = PipelineEngineClient(server, _engine_config(server, args))
+    models = OpenAIServingModels(
+        engine_client=client,
+        base_model_paths=[BaseModelPath(name=server.model_name, model_path=server.omni.stages[0].model_path)],
+    )
+    template = load_chat_template(frontend.chat_template)
+    chat_options = {
+        "chat_template": template,
+        "chat_template_content_format": frontend.chat_template_content_format,
+        "enable_auto_tools": frontend.enable_auto_tool_choice,
+        "tool_parser": frontend.tool_call_parser,
+        "reasoning_parser": client.vllm_config.structured_outputs_config.reasoning_parser,
+    }
+    renderer = OnlineRenderer(
+        model_config=client.model_config, renderer=client.renderer, request_logger=None, **chat_options
+    )
+    common = {
+        "engine_client": client,
+        "models": models,
+        "online_renderer": renderer,
+        "request_logger": None,
+        "enable_prompt_tokens_details": frontend.enable_prompt_tokens_details,
+        "enable_force_include_usage": frontend.enable_force_include_usage,
+    }
+    chat = dict(common, response_role=frontend.response_role, **chat_options)
+    app.state.args = frontend
+    app.state.enable_server_load_tracking = False
+    app.state.openai_serving_chat = OpenAIServingChat(**chat)
+    app.state.openai_serving_chat_batch = OpenAIServingChatBatch(**chat)
+    app.state.openai_serving_completion = OpenAIServingCompletion(**common)
+    app.include_router(chat_router)
+    app.include_router(completion_router)
+
+
+def _frontend_args(args: argparse.Namespace) -> argparse.Namespace:
+    """vLLM's server settings (``FrontendArgs`` defaults) with the chat flags ``args`` set."""
+    from vllm.entrypoints.launchers.cli_args import FrontendArgs
+
+    settings = dataclasses.asdict(FrontendArgs())
+    for name in (*CHAT_FLAGS, *CHAT_SWITCHES):
+        if getattr(args, name, None) is not None:
+            settings[name] = getattr(args, name)
+    return argparse.Namespace(**settings)
+
+
+def _engine_config(server: OmniServer, args: argparse.Namespace) -> Any:
+    """The first stage's ``VllmConfig``, as its engine builds it, for rendering requests in the server.
+    The server keeps no multimodal processor cache: the stage gets each item whole."""
+    from vllm.usage.usage_lib import UsageContext
+
+    from vllm_omni.engine.arg_utils import OmniAsyncEngineArgs
+
+    stage = server.omni.stages[0]
+    engine_args = {**stage.engine_args, "mm_processor_cache_gb": 0}
+    if getattr(args, "served_model_name", None):
+        engine_args["served_model_name"] = args.served_model_name
+    return OmniAsyncEngineArgs(model=stage.model_path, **engine_args).create_engine_config(
+        UsageContext.OPENAI_API_SERVER
+    )
