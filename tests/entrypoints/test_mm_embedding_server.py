@@ -1,4 +1,5 @@
-"""mm_embedding over `vllm serve --enable-return-mm-embedding` (real server on CPU, tiny LLaVA)."""
+"""mm_embedding over `vllm serve --enable-return-mm-embedding`, with and without `--omni` (real server on CPU,
+tiny LLaVA)."""
 
 import base64
 import io
@@ -14,9 +15,11 @@ from tests.utils import random_image, running_server
 pytestmark = pytest.mark.engine
 
 
-@pytest.fixture(scope="module")
-def server(llava_path):
-    with running_server(llava_path, "--dtype", "float32", "--enable-return-mm-embedding") as url:
+@pytest.fixture(scope="module", params=["vllm", "omni"])
+def server(request, llava_path):
+    """Stock ``vllm serve`` and ``vllm serve --omni`` (its chat routes over an AR-only pipeline): the same."""
+    omni = ("--omni",) if request.param == "omni" else ()
+    with running_server(llava_path, *omni, "--dtype", "float32", "--enable-return-mm-embedding") as url:
         yield url
 
 

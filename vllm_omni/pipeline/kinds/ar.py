@@ -122,8 +122,9 @@ class ARStageKind(StageKind):
 
 
 class ARStageEngine(StageEngine):
-    """A ``vllm.LLM`` fed request by request: prompts rendered the way ``LLM.generate`` renders them,
-    each request keeps its own ``output_kind`` (CUMULATIVE streams tokens) and the pipeline's request id."""
+    """A ``vllm.LLM`` fed request by request: prompts rendered the way ``LLM.generate`` renders them (or
+    already rendered: an ``EngineInput``), each request keeps its own ``output_kind`` (CUMULATIVE streams
+    tokens) and the pipeline's request id."""
 
     def __init__(self, config: OmniStageConfig) -> None:
         from vllm import LLM
@@ -138,8 +139,10 @@ class ARStageEngine(StageEngine):
         from vllm.exceptions import VLLMValidationError
 
         try:
-            (engine_input,) = self.llm._preprocess_cmpl([request.prompt])
-            self.engine.add_request(request.request_id, engine_input, request.params)
+            prompt = request.prompt
+            if not _is_rendered(prompt):
+                (prompt,) = self.llm._preprocess_cmpl([prompt])
+            self.engine.add_request(request.request_id, prompt, request.params)
         except VLLMValidationError as error:  # a bad request (e.g. a prompt longer than max_model_len)
             raise ValueError(str(error)) from None
 
@@ -161,6 +164,11 @@ class ARStageEngine(StageEngine):
 
     def close(self) -> None:
         self.engine.engine_core.shutdown()
+
+
+def _is_rendered(prompt: Any) -> bool:
+    """Whether ``prompt`` is an ``EngineInput`` already (rendered by vLLM's renderer, e.g. in the server)."""
+    return isinstance(prompt, dict) and prompt.get("type") in ("token", "embeds", "multimodal", "enc_dec")
 
 
 AR_STAGE = ARStageKind()
