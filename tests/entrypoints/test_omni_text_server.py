@@ -6,7 +6,10 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -165,6 +168,14 @@ def test_concurrent_requests_each_get_their_own_answer(client, qwen3_llm):
         answers = list(pool.map(lambda p: client.completions.create(model="tiny", prompt=p, **ASK), prompts))
     expected = qwen3_llm.generate(prompts, SamplingParams(**GREEDY))
     assert [a.choices[0].text for a in answers] == [e.outputs[0].text for e in expected]
+
+
+def test_the_chat_client_example(url):
+    example = Path(__file__).parents[2] / "examples" / "online_serving" / "omni_chat_client.py"
+    result = subprocess.run([sys.executable, str(example), "--url", url, "--api-key", "key"],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("answer: ") and "streamed in" in result.stdout
 
 
 def test_image_pipelines_have_no_text_endpoints():
