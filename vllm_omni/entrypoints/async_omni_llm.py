@@ -12,6 +12,7 @@ from vllm_omni.config.stage import OmniStageConfig, load_stage_configs
 from vllm_omni.entrypoints.omni_params import pipeline_params
 from vllm_omni.pipeline.outputs import OmniRequestOutput
 from vllm_omni.pipeline.stage_manager import StageManager
+from vllm_omni.pipeline.stage_metrics import StageMetrics
 
 
 class AsyncOmniLLM:
@@ -67,6 +68,10 @@ class AsyncOmniLLM:
     async def stage_stats(self, stage_id: int) -> dict[str, int]:
         """What stage ``stage_id``'s engine holds now (requests, bytes)."""
         return await asyncio.to_thread(self.manager.stage_stats, stage_id)
+
+    async def stage_metrics(self, stage_id: int) -> StageMetrics:
+        """Stage ``stage_id``'s metrics now (batch, queue, step times, failures, caches, vLLM's own)."""
+        return await asyncio.to_thread(self.manager.stage_metrics, stage_id)
 
     def shutdown(self) -> None:
         """Stop every stage's process."""

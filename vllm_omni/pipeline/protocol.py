@@ -1,10 +1,11 @@
 """Every message between the stage manager and a stage process (pickled by ``stage_io``).
 
-Manager -> stage: :class:`AddRequests`, :class:`AbortRequests`, :class:`GetStats`, :class:`Shutdown`.
+Manager -> stage: :class:`AddRequests`, :class:`AbortRequests`, :class:`GetStats`, :class:`GetMetrics`,
+:class:`Shutdown`.
 Stage -> manager: :class:`StageReady` or :class:`StageStartFailed` once, then :class:`StageOutputs` once per
-engine step with news, :class:`StageReply` to each add and stats request, :class:`StageFailed` before it exits
-on an engine failure. Each message names its kind with ``type``, the way vLLM's ``EngineCoreRequestType``
-does.
+engine step with news, :class:`StageReply` to each add, stats and metrics request, :class:`StageFailed`
+before it exits on an engine failure. Each message names its kind with ``type``, the way vLLM's
+``EngineCoreRequestType`` does.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class StageMessageType(enum.Enum):
     ADD = "add"
     ABORT = "abort"
     GET_STATS = "get_stats"
+    GET_METRICS = "get_metrics"
     SHUTDOWN = "shutdown"
     READY = "ready"
     START_FAILED = "start_failed"
@@ -76,6 +78,14 @@ class GetStats:
     """Ask what the stage's engine holds; answered by a :class:`StageReply` after the stage's next step."""
 
     type: ClassVar[StageMessageType] = StageMessageType.GET_STATS
+    token: int
+
+
+@dataclass(frozen=True)
+class GetMetrics:
+    """Ask for the stage's ``StageMetrics`` (``pipeline.stage_metrics``); answered like :class:`GetStats`."""
+
+    type: ClassVar[StageMessageType] = StageMessageType.GET_METRICS
     token: int
 
 

@@ -27,6 +27,7 @@ from vllm_omni.pipeline.outputs import OmniRequestOutput
 from vllm_omni.pipeline.protocol import (
     AbortRequests,
     AddRequests,
+    GetMetrics,
     GetStats,
     StageMessageType,
     StageOutput,
@@ -35,6 +36,7 @@ from vllm_omni.pipeline.protocol import (
 from vllm_omni.pipeline.running_stages import LIVENESS_SECONDS, OmniStageError, RunningStages
 from vllm_omni.pipeline.stage_input import StageInput, check_pipeline, get_stage_input, stage_input_of
 from vllm_omni.pipeline.stage_io import SHM_THRESHOLD_BYTES, loads, unlink
+from vllm_omni.pipeline.stage_metrics import StageMetrics
 
 __all__ = ["OmniQueueFullError", "OmniStageError", "StageManager"]
 
@@ -215,11 +217,18 @@ class StageManager:
 
     def stage_stats(self, stage_id: int) -> dict[str, int]:
         """What stage ``stage_id``'s engine holds (requests, bytes), after its next step."""
+        return self._ask(stage_id, GetStats)
+
+    def stage_metrics(self, stage_id: int) -> StageMetrics:
+        """Stage ``stage_id``'s metrics (batch, queue, step times, failures, caches), after its next step."""
+        return self._ask(stage_id, GetMetrics)
+
+    def _ask(self, stage_id: int, message_type: type[GetStats | GetMetrics]) -> Any:
         with self._lock:
             self._raise_if_dead()
             token = next(self._serial)
             self._waited.add(token)
-            self._send(stage_id, GetStats(token))
+            self._send(stage_id, message_type(token))
             return self._wait_reply(token)
 
     def shutdown(self) -> None:

@@ -19,9 +19,10 @@ import queue
 import signal
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vllm_omni.config.stage import OmniStageConfig, parse_cpu_list
 from vllm_omni.pipeline.channel import Channel
@@ -38,6 +39,7 @@ from vllm_omni.pipeline.protocol import (
     StageStartFailed,
 )
 from vllm_omni.pipeline.stage_io import dumps, loads, sweep
+from vllm_omni.pipeline.stage_metrics import StageMetrics, StepHistogram
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,9 @@ def _orphaned(loading: list[bool]) -> None:
 class StageLoop:
     """Applies the manager's messages, then runs one engine step while work is queued.
 
-    Stats are answered after the step that follows them, so they show the engine once the messages
-    before them took effect (e.g. an abort's memory freed).
+    Stats and metrics are answered after the step that follows them, so they show the engine once the
+    messages before them took effect (e.g. an abort's memory freed). The loop times every step and counts
+    the requests that failed, for ``GetMetrics``.
     """
 
     def __init__(
@@ -115,6 +118,8 @@ class StageLoop:
             dump,
         )
         self.active: set[str] = set()
+        self.step_seconds = StepHistogram()
+        self.num_failed_requests = 0
 
     def send(self, message: object) -> None:
         self.channel.send(self.dump(message))
@@ -122,20 +127,26 @@ class StageLoop:
     def run(self) -> bool:
         """Serve until told to stop (returns False) or until the manager is gone (returns True)."""
         while True:
-            stats = []
+            queries = []
             for message in self._receive(block=not self.engine.has_unfinished_requests()):
                 if message is None:
                     return True
                 if message.type is StageMessageType.SHUTDOWN:
                     return False
-                if message.type is StageMessageType.GET_STATS:
-                    stats.append(message)
+                if message.type in (StageMessageType.GET_STATS, StageMessageType.GET_METRICS):
+                    queries.append(message)
                 else:
                     self._apply(message)
             if self.engine.has_unfinished_requests():
                 self._step()
-            for message in stats:
-                self.send(StageReply(self.stage_id, message.token, self.engine.stats()))
+            for message in queries:
+                value = self.engine.stats() if message.type is StageMessageType.GET_STATS else self.metrics()
+                self.send(StageReply(self.stage_id, message.token, value))
+
+    def metrics(self) -> StageMetrics:
+        """The engine's metrics with the loop's step times and failure count."""
+        failed = self.num_failed_requests
+        return replace(self.engine.metrics(), step_seconds=self.step_seconds, num_failed_requests=failed)
 
     def _receive(self, block: bool) -> list:
         """Messages waiting in the inbox (``None`` when the manager is gone); waits for one if ``block``."""
@@ -164,7 +175,11 @@ class StageLoop:
             self.engine.abort(ids)
 
     def _step(self) -> None:
-        events = [event for event in self.engine.step() if event.request_id in self.active]
+        start = time.perf_counter()
+        events = self.engine.step()
+        self.step_seconds.observe(time.perf_counter() - start)
+        events = [event for event in events if event.request_id in self.active]
+        self.num_failed_requests += sum(event.error is not None for event in events)
         self.active.difference_update(event.request_id for event in events if event.finished)
         if events:
             outputs = [StageOutput(e.request_id, e.finished, e.error, self.dump(e.output)) for e in events]

@@ -23,8 +23,8 @@ from vllm_omni.config.stage import (
 from vllm_omni.entrypoints.openai.text_serving import add_chat_args
 
 DESCRIPTION = """Serve an omni pipeline: OpenAI Images API (/v1/images/generations), /v1/chat/completions and
-/v1/completions (pipelines from an ar stage to an ar stage), the native /generate, /health, /info and
-/v1/models.
+/v1/completions (pipelines from an ar stage to an ar stage), the native /generate, /health, /info,
+/v1/models and /metrics (Prometheus).
 
   vllm serve MODEL --omni                         a diffusers folder, a vLLM model or a stage YAML file
   vllm serve --omni --stage-config pipeline.yaml
@@ -132,9 +132,12 @@ def _stages_of(model: str) -> list[OmniStageConfig]:
 
 
 def _with_flags(stage: OmniStageConfig, args: argparse.Namespace) -> OmniStageConfig:
-    """The stage with the command line's engine flags (ar) or --dit-* flags (dit) applied."""
+    """The stage with the command line's engine flags (ar) or --dit-* flags (dit) applied. An ar stage logs
+    stats (vLLM's metrics in /metrics) as ``vllm serve`` does, unless --disable-log-stats or its config say
+    otherwise (``vllm.LLM`` alone does not)."""
     if stage.engine_type == "ar":
-        return dataclasses.replace(stage, engine_args={**stage.engine_args, **_engine_flags(args)})
+        engine_args = {"disable_log_stats": args.disable_log_stats, **stage.engine_args}
+        return dataclasses.replace(stage, engine_args={**engine_args, **_engine_flags(args)})
     if stage.engine_type == "dit":
         size = args.dit_size or (None, None)
         flags = {"num_inference_steps": args.dit_steps, "guidance_scale": args.dit_guidance_scale,

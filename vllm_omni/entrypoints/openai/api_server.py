@@ -5,7 +5,8 @@ image-to-image from a multipart form), ``POST /generate`` (native, any pipeline)
 ``GET /info``, ``GET /v1/models``. Every error uses OpenAI's schema
 ``{"error": {"message", "type", "param", "code"}}``; ``--api-key`` guards every endpoint but ``/health``;
 at most ``--max-queued-requests`` generation requests are held at once (more: 429 with ``Retry-After``).
-A client that goes away aborts its request in every stage.
+A client that goes away aborts its request in every stage. ``GET /metrics``: Prometheus text (requests,
+every stage, vLLM's own metrics of ar stages; ``metrics.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from vllm.exceptions import VLLMError
 
@@ -36,6 +37,7 @@ from vllm_omni.entrypoints.openai.images import (
     images_response,
     parse_size,
 )
+from vllm_omni.entrypoints.openai.metrics import add_request_metrics, metrics_response
 from vllm_omni.entrypoints.openai.text_serving import attach_text_serving, serves_text
 from vllm_omni.pipeline.kinds import get_stage_kind
 from vllm_omni.pipeline.running_stages import OmniStageError
@@ -80,8 +82,13 @@ class OmniServer:
     """Generation requests being served now."""
 
     async def run(self, request: Request, work: Awaitable[Any]) -> Any:
-        """Serve ``work`` under admission (``admit``) while the client is there (``watch``)."""
-        self.admit()
+        """Serve ``work`` under admission (``admit``) while the client is there (``watch``). Refused work
+        never runs (``asyncio.gather`` schedules its requests at once: cancelled before they start)."""
+        try:
+            self.admit()
+        except ServerError:
+            asyncio.ensure_future(work).cancel()
+            raise
         try:
             return await watch(request, work)
         finally:
@@ -153,6 +160,7 @@ def build_app(server: OmniServer, args: argparse.Namespace | None = None) -> Fas
     _add_routes(app)
     if serves_text(server.omni.stages):
         attach_text_serving(app, server, args or argparse.Namespace())
+    add_request_metrics(app)  # after every route: it counts the generation endpoints the app serves
     return app
 
 
@@ -163,6 +171,10 @@ def _add_routes(app: FastAPI) -> None:
         if dead is not None:
             return _error_response(503, str(dead), None, "server_error")
         return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        return await metrics_response(_server(request).omni, request.app.state.metrics)
 
     @app.get("/info")
     async def info(request: Request) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from vllm_omni.config.stage import OmniStageConfig
 from vllm_omni.pipeline.kinds.base import StageEngine, StageEvent, StageKind
 from vllm_omni.pipeline.outputs import OmniRequestOutput
 from vllm_omni.pipeline.protocol import StageRequest
+from vllm_omni.pipeline.stage_metrics import StageMetrics, collect_vllm_metrics
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,18 @@ class ARStageEngine(StageEngine):
 
     def stats(self) -> dict[str, int]:
         return {"unfinished": self.engine.get_num_unfinished_requests()}
+
+    def metrics(self) -> StageMetrics:
+        """vLLM's own metrics and its running/waiting counts, recorded by the engine when it logs stats
+        (``disable_log_stats=False``; ``vllm serve --omni`` sets it as ``vllm serve`` does); else none."""
+        if not self.engine.log_stats:
+            return StageMetrics()
+        text, totals = collect_vllm_metrics()
+        return StageMetrics(
+            num_running=int(totals.get("vllm:num_requests_running", 0)),
+            num_waiting=int(totals.get("vllm:num_requests_waiting", 0)),
+            vllm_metrics=text,
+        )
 
     def limits(self) -> ARLimits:
         return ARLimits.from_model_config(self.engine.model_config)

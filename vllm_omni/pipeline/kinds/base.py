@@ -15,6 +15,7 @@ from typing import Any
 from vllm_omni.config.stage import OmniStageConfig
 from vllm_omni.pipeline.outputs import OmniRequestOutput
 from vllm_omni.pipeline.protocol import StageRequest
+from vllm_omni.pipeline.stage_metrics import StageMetrics
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,11 @@ class StageEngine:
     def limits(self) -> Any:
         """What the stage accepts: a picklable object for its kind's ``check_params``."""
         raise NotImplementedError
+
+    def metrics(self) -> StageMetrics:
+        """What only the engine knows of the stage's metrics (batch and queue, caches, vLLM's own); the
+        stage loop adds step times and failures. Nothing by default."""
+        return StageMetrics()
 
     def close(self) -> None:
         """Stop what the engine started (processes, threads)."""

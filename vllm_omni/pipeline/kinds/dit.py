@@ -11,6 +11,7 @@ from vllm_omni.diffusion.request import DiffusionSamplingParams
 from vllm_omni.pipeline.kinds.base import StageEngine, StageEvent, StageKind
 from vllm_omni.pipeline.outputs import OmniRequestOutput
 from vllm_omni.pipeline.protocol import StageRequest
+from vllm_omni.pipeline.stage_metrics import StageMetrics
 
 
 class DiTStageKind(StageKind):
@@ -79,6 +80,16 @@ class DiTStageEngine(StageEngine):
 
     def stats(self) -> dict[str, int]:
         return self.engine.memory_stats()
+
+    def metrics(self) -> StageMetrics:
+        """The batch, the queue and the conditioning cache's counters (the native engine's)."""
+        stats, cache = self.engine.memory_stats(), self.engine.conditioning_cache_stats()
+        return StageMetrics(
+            num_running=stats.get("running", 0),  # the diffusers executor runs nothing between steps
+            num_waiting=stats["waiting"],
+            conditioning_cache_queries=None if cache is None else cache.hits + cache.misses,
+            conditioning_cache_hits=None if cache is None else cache.hits,
+        )
 
     def limits(self) -> DiTLimits:
         return self.engine.limits

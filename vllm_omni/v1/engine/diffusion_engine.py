@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_omni.config.dit import DiTConfig
+from vllm_omni.diffusion.cache_manager import DiTCacheStats
 from vllm_omni.diffusion.request import DiffusionOutput, DiffusionSamplingParams
 from vllm_omni.v1.core.sched.diffusion_scheduler import OmniDiffusionScheduler
 from vllm_omni.v1.executor.diffusers_executor import DiffusersPipelineExecutor
@@ -68,6 +69,10 @@ class DiffusionEngine:
             "waiting_bytes": sum(request.nbytes() for request in self.scheduler.waiting),
             "cache_bytes": self.runner.conditioning_cache.stats.bytes,
         }
+
+    def conditioning_cache_stats(self) -> DiTCacheStats:
+        """The conditioning cache's counters (hits, misses, evictions) and occupancy."""
+        return self.runner.conditioning_cache.stats
 
 
 def create_diffusion_engine(model_path: str, config: DiTConfig | None = None):

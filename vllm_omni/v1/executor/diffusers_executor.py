@@ -51,7 +51,7 @@ def _call_key(request: DiffusionRequest) -> _CallKey:
 
 class DiffusersPipelineExecutor:
     """Same interface as ``DiffusionEngine``: ``add_request``, ``abort_request``, ``step``, ``limits``,
-    ``memory_stats``."""
+    ``memory_stats``, ``conditioning_cache_stats``."""
 
     def __init__(self, model_path: str, config: DiTConfig) -> None:
         from diffusers import DiffusionPipeline
@@ -210,6 +210,10 @@ class DiffusersPipelineExecutor:
         """What the executor holds between pipeline calls: the waiting requests and the bytes of their data
         (tensors, init images). No request runs between calls and there is no state or cache to report."""
         return {"waiting": len(self.waiting), "waiting_bytes": sum(r.nbytes() for r in self.waiting)}
+
+    def conditioning_cache_stats(self) -> None:
+        """None: the pipeline encodes every call's prompts itself; there is no conditioning cache."""
+        return None
 
 
 def _limits(pipe: Any, family: DiTFamily | None, config: DiTConfig) -> DiTLimits:
