@@ -15,16 +15,14 @@ send it in one extra chunk per request, right before ``data: [DONE]``.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from dataclasses import asdict
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic import BaseModel, Field, model_validator
 
+from vllm_omni.entrypoints.openai.tensors import encode_tensor
 from vllm_omni.multimodal.mm_embedding import MMEmbeddingParams
 
 NOT_ENABLED = "return_mm_embedding needs a multimodal model served with --enable-return-mm-embedding"
@@ -72,16 +70,7 @@ def encode_mm_embedding(completion) -> dict[str, Any] | None:
     tensor: torch.Tensor | None = getattr(completion, "mm_embedding", None)
     if tensor is None:
         return None
-    dtype = str(tensor.dtype).removeprefix("torch.")
-    array = tensor.view(torch.uint16).numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return {
-        "data": base64.b64encode(buffer.getvalue()).decode("ascii"),
-        "shape": list(tensor.shape),
-        "dtype": dtype,
-        "items": [asdict(item) for item in completion.mm_embedding_items or []],
-    }
+    return {**encode_tensor(tensor), "items": [asdict(item) for item in completion.mm_embedding_items or []]}
 
 
 class EmbeddingRecorder:
