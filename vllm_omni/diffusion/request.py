@@ -50,6 +50,8 @@ class DiffusionSamplingParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # what torch.Generator takes
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
         if self.num_inference_steps is not None and self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         for name in ("height", "width"):

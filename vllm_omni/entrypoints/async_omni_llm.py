@@ -45,10 +45,17 @@ class AsyncOmniLLM:
         params = pipeline_params(self.stages, sampling_params, 1, streaming=True)[0]
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        try:  # the first stage's input function may be slow (e.g. loading a tokenizer): not on the loop
-            await asyncio.to_thread(self.manager.add_requests, [(request_id, prompt, params)], False)
+        # The first stage's input function may be slow (e.g. loading a tokenizer): not on the loop. A thread
+        # cannot be cancelled: a consumer cancelled while it adds (or just as it has added, before this
+        # coroutine resumes) aborts the request once it is added.
+        adding = asyncio.ensure_future(
+            asyncio.to_thread(self.manager.add_requests, [(request_id, prompt, params)], False)
+        )
+        try:
+            await asyncio.shield(adding)
         except BaseException:
             del self._streams[request_id]
+            adding.add_done_callback(lambda added: self._abort_if_added(added, request_id))
             raise
         finished = False
         try:
@@ -76,6 +83,10 @@ class AsyncOmniLLM:
     def shutdown(self) -> None:
         """Stop every stage's process."""
         self.manager.shutdown()
+
+    def _abort_if_added(self, adding: asyncio.Future, request_id: str) -> None:
+        if not adding.cancelled() and adding.exception() is None:
+            self.manager.abort([request_id])
 
     def _deliver(self, updates: list[OmniRequestOutput]) -> None:
         for update in updates:

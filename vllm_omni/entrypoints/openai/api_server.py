@@ -20,14 +20,18 @@ import sys
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
+import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from PIL import Image
 from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException
 from vllm.exceptions import VLLMError
 
 from vllm_omni.config.stage import OmniStageConfig
 from vllm_omni.entrypoints.async_omni_llm import AsyncOmniLLM
+from vllm_omni.entrypoints.openai.body_limit import BodyLimitMiddleware
 from vllm_omni.entrypoints.openai.image_edits import read_image_edit, refuses_image
 from vllm_omni.entrypoints.openai.images import (
     ImageGenerationRequest,
@@ -133,17 +137,19 @@ class OmniServer:
 
 
 async def watch(request: Request, work: Awaitable[Any]) -> Any:
-    """Await ``work``; a client that goes away cancels it (which aborts its request in every stage)."""
+    """Await ``work``; a client that goes away cancels it (which aborts its request in every stage) and is
+    answered 499, nginx's "client closed request" (read by nobody; the log shows it, not a traceback)."""
     task = asyncio.ensure_future(work)
     try:
         while not task.done():
             await asyncio.wait([task], timeout=DISCONNECT_POLL_SECONDS)
             if not task.done() and await request.is_disconnected():
-                task.cancel()
+                raise ServerError(499, "the client closed the request", kind="client_closed_request")
         return await task
     finally:
         if not task.done():
             task.cancel()
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())  # read: not logged
 
 
 def build_app(server: OmniServer, args: argparse.Namespace | None = None) -> FastAPI:
@@ -153,8 +159,10 @@ def build_app(server: OmniServer, args: argparse.Namespace | None = None) -> Fas
     # client's disconnect from the route, which must abort the request.
     app = FastAPI(title="vLLM-Omni", version=__version__, dependencies=[Depends(_check_api_key)])
     app.state.server = server
+    app.add_middleware(BodyLimitMiddleware)  # 413 before an oversized body is read
     app.add_exception_handler(ServerError, _server_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
     for error_type in (VLLMError, ValueError, TypeError, OverflowError, NotImplementedError):
         app.add_exception_handler(error_type, _vllm_error)  # raised by vLLM's routes
     _add_routes(app)
@@ -326,8 +334,19 @@ def _generate_response(server: OmniServer, result: Any) -> dict[str, Any]:
     for stage_id, output in result.stage_outputs.items():
         stage = server.omni.stages[stage_id]
         stages[stage_id] = {"kind": stage.engine_type, **get_stage_kind(stage.engine_type).summarize(output)}
-    images = [encode_image(image, "png", None) for image in result.images or ()]
+    images = [encode_image(_as_pil(image), "png", None) for image in _listed(result.images)]
     return {"request_id": result.request_id, "text": result.text, "images": images, "stages": stages}
+
+
+def _listed(images: Any) -> Any:
+    """A DiT stage's images: a list of PIL images, an NHWC float array (``output_type="np"``), or None."""
+    return () if images is None else images
+
+
+def _as_pil(image: Any) -> Any:
+    if isinstance(image, np.ndarray):  # HWC, values in [0, 1]
+        return Image.fromarray((image.clip(0, 1) * 255).round().astype(np.uint8).squeeze())
+    return image
 
 
 def _info(server: OmniServer, stats: list[dict[str, int]]) -> dict[str, Any]:
@@ -379,6 +398,13 @@ async def _vllm_error(request: Request, error: Exception) -> JSONResponse:
 
     info = create_error_response(error).error
     return _error_response(info.code, info.message, info.param, info.type)
+
+
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """Starlette's own errors (no such path 404, wrong method 405, unreadable body 400) in OpenAI's schema."""
+    response = _error_response(error.status_code, str(error.detail), None, "invalid_request_error")
+    response.headers.update(error.headers or {})
+    return response
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
