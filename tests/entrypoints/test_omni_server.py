@@ -164,6 +164,33 @@ def test_health_info_models_and_generate(url):
     )
 
 
+def sse_events(response: requests.Response) -> list[tuple[str, dict]]:
+    """``(event, data)`` of a server-sent event stream."""
+    events = []
+    for block in response.text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+def test_generate_streams_previews_the_stage_and_latents(url):
+    params = {"seed": 3, "num_inference_steps": 2, "partial_images": 1, "return_latents": True}
+    body = {"prompt": "a dog", "params": {"0": params}, "stream": True}
+    response = requests.post(f"{url}/generate", json=body, timeout=60)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response)
+    assert [name for name, _ in events] == ["partial_image", "stage", "done"]
+    assert events[0][1]["index"] == 0 and decode(events[0][1]["image"]).size == (32, 32)
+    assert events[1][1]["kind"] == "dit" and events[1][1]["num_steps"] == 2
+    done = events[2][1]
+    whole = requests.post(f"{url}/generate", json={**body, "stream": False}, timeout=60).json()
+    assert done["images"] == whole["images"] and done["stages"]["0"]["seed"] == 3
+    latents = np.load(io.BytesIO(base64.b64decode(done["latents"]["data"])))
+    assert list(latents.shape) == done["latents"]["shape"] and latents.shape[-2:] == (16, 16)  # tiny VAE: /2
+    refused = requests.post(f"{url}/generate", json={**body, "params": {"0": {"height": 30}}}, timeout=60)
+    assert refused.status_code == 400  # refused before the stream starts: a plain HTTP error
+
+
 def test_a_client_that_goes_away_aborts_its_request_in_the_stage(url):
     slow = {"prompt": "slow", "params": {"0": {"num_inference_steps": 20_000}}}
     slow_stream = {"prompt": "slow", "num_inference_steps": 1000, "stream": True, "partial_images": 1}

@@ -84,6 +84,17 @@ def test_completions_of_two_prompts_with_logprobs(client, qwen3_llm):
     assert "".join(c.choices[0].text for c in streamed) == expected[0].outputs[0].text
 
 
+def test_generate_streams_the_text_token_by_token(url):
+    body = {"prompt": "The sky is", "params": {"0": GREEDY}, "stream": True}
+    response = post(url, "/generate", body)
+    events = [block.split("\n") for block in response.text.strip().split("\n\n")]
+    names = [lines[0].removeprefix("event: ") for lines in events]
+    data = [json.loads(lines[1].removeprefix("data: ")) for lines in events]
+    assert names[-2:] == ["stage", "done"] and set(names[:-2]) == {"text"} and len(names) > 4
+    assert "".join(d["delta"] for d in data[:-2]) == data[-1]["text"] == data[-2]["text"]
+    assert data[-2]["num_generated_tokens"] == 8 and data[-1]["stages"]["0"]["finish_reason"] == "length"
+
+
 def test_n_samples_and_a_seed(client):
     sampled = {"temperature": 1.0, "max_tokens": 6, "seed": 3, "n": 3}
     first = client.completions.create(model="tiny", prompt="Once", **sampled)

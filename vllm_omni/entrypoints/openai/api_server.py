@@ -17,33 +17,34 @@ import dataclasses
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from PIL import Image
-from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 from vllm.exceptions import VLLMError
 
 from vllm_omni.config.stage import OmniStageConfig
 from vllm_omni.entrypoints.async_omni_llm import AsyncOmniLLM
 from vllm_omni.entrypoints.openai.body_limit import BodyLimitMiddleware
+from vllm_omni.entrypoints.openai.generate import (
+    GenerateRequest,
+    generate_events,
+    generate_response,
+    stage_params,
+)
 from vllm_omni.entrypoints.openai.image_edits import read_image_edit, refuses_image
 from vllm_omni.entrypoints.openai.images import (
     ImageGenerationRequest,
     ImageRequestError,
-    encode_image,
     image_event,
     images_response,
     parse_size,
 )
 from vllm_omni.entrypoints.openai.metrics import add_request_metrics, metrics_response
 from vllm_omni.entrypoints.openai.text_serving import attach_text_serving, serves_text
-from vllm_omni.pipeline.kinds import get_stage_kind
 from vllm_omni.pipeline.running_stages import OmniStageError
 from vllm_omni.pipeline.stage_manager import OmniQueueFullError
 from vllm_omni.version import __version__
@@ -61,17 +62,6 @@ class ServerError(Exception):
     ):
         super().__init__(message)
         self.status, self.param, self.kind = status, param, kind
-
-
-class GenerateRequest(BaseModel):
-    """The body of ``POST /generate``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str | dict[str, Any]
-    """A text, or a prompt dict of the first stage (e.g. ``{"prompt_token_ids": [...]}``)."""
-    params: dict[int, dict[str, Any]] = {}
-    """Each stage's params by stage id (fields of ``SamplingParams`` / ``DiffusionSamplingParams``)."""
 
 
 @dataclasses.dataclass
@@ -111,7 +101,11 @@ class OmniServer:
     async def stream(self, prompt: Any, params: list[Any]) -> AsyncIterator[Any]:
         """The request's snapshots; errors before it runs as ``ServerError`` (400, 429, 503)."""
         try:
+            first = True
             async for output in self.omni.generate(prompt, params):
+                if first and output.refused:  # the first stage refused the prompt
+                    raise ServerError(400, output.error)
+                first = False
                 yield output
         except ValueError as error:
             raise ServerError(400, str(error)) from None
@@ -203,7 +197,7 @@ def _add_routes(app: FastAPI) -> None:
         server = _server(request)
         prompt, params = _image_request(server, body)
         if body.stream:
-            return await _stream_images(request, body, prompt, params[0])
+            return await _event_stream(request, prompt, params[0], _image_events(body))
         results = await server.run(request, asyncio.gather(*(server.generate(prompt, p) for p in params)))
         return images_response(body, results)
 
@@ -224,11 +218,16 @@ def _add_routes(app: FastAPI) -> None:
             raise
 
     @app.post("/generate")
-    async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
+    async def generate(body: GenerateRequest, request: Request) -> Any:
         server = _server(request)
-        params = _stage_params(server, body.params)
+        try:
+            params = stage_params(server.omni.stages, body.params)
+        except ValueError as error:
+            raise ServerError(400, str(error), "params") from None
+        if body.stream:
+            return await _event_stream(request, body.prompt, params, _generate_events)
         result = await server.run(request, server.generate(body.prompt, params))
-        return _generate_response(server, result)
+        return generate_response(server.omni.stages, result)
 
 
 def _image_request(
@@ -252,11 +251,11 @@ def _image_request(
     return prompt, [_image_params(stages, body, i) for i in range(body.n)]
 
 
-async def _stream_images(
-    request: Request, body: ImageGenerationRequest, prompt: dict[str, str], params: list[Any]
+async def _event_stream(
+    request: Request, prompt: Any, params: list[Any], events: Callable[[OmniServer, AsyncIterator[Any]], Any]
 ) -> StreamingResponse:
-    """Server-sent events of one image; errors before the first snapshot are plain HTTP errors. A client
-    that goes away cancels the stream, which aborts the request in every stage."""
+    """Server-sent ``events`` of one request's snapshots. Errors before the first snapshot are plain HTTP
+    errors; a client that goes away cancels the stream, which aborts the request in every stage."""
     server = _server(request)
     server.admit()
     try:
@@ -265,32 +264,59 @@ async def _stream_images(
     except BaseException:
         server.held -= 1
         raise
-    return StreamingResponse(_image_events(server, body, first, snapshots), media_type="text/event-stream")
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for event in events(server, _chained(first, snapshots)):
+                yield event
+        finally:
+            server.held -= 1
+            await snapshots.aclose()
+
+    return StreamingResponse(body(), media_type="text/event-stream")
 
 
-async def _image_events(
-    server: OmniServer, body: ImageGenerationRequest, first: Any, snapshots: AsyncIterator[Any]
-) -> AsyncIterator[str]:
-    last = len(server.omni.stages) - 1
-    try:
-        output = first
-        while True:
-            stage_output = output.stage_outputs.get(last) if output.stage_id == last else None
+async def _chained(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+def _image_events(body: ImageGenerationRequest) -> Callable[[OmniServer, AsyncIterator[Any]], Any]:
+    """OpenAI's image events: ``image_generation.partial_image`` per preview, then ``...completed``."""
+
+    async def events(server: OmniServer, outputs: AsyncIterator[Any]) -> AsyncIterator[str]:
+        last = len(server.omni.stages) - 1
+        async for output in outputs:
             if output.finished:
                 if output.error is not None:
-                    failure = server.failure(output.error)
-                    yield _sse("error", {"error": {"message": str(failure), "type": failure.kind,
-                                                   "param": None, "code": failure.status}})  # fmt: skip
+                    yield _error_event(server, output)
                 else:
                     yield _sse("image_generation.completed", image_event(body, output.images[0], None))
                 return
+            stage_output = output.stage_outputs.get(last) if output.stage_id == last else None
             index = getattr(stage_output, "partial_image_index", None)
             if index is not None:
                 yield _sse("image_generation.partial_image", image_event(body, stage_output.images[0], index))
-            output = await anext(snapshots)
-    finally:
-        server.held -= 1
-        await snapshots.aclose()
+
+    return events
+
+
+async def _generate_events(server: OmniServer, outputs: AsyncIterator[Any]) -> AsyncIterator[str]:
+    """``/generate``'s events (see ``generate.py``)."""
+    async for event, data in generate_events(server.omni.stages, outputs):
+        if event != "done":
+            yield _sse(event, data)
+        elif data.error is not None:
+            yield _error_event(server, data)
+        else:
+            yield _sse("done", generate_response(server.omni.stages, data))
+
+
+def _error_event(server: OmniServer, output: Any) -> str:
+    failure = ServerError(400, output.error) if output.refused else server.failure(output.error)
+    error = {"message": str(failure), "type": failure.kind, "param": None, "code": failure.status}
+    return _sse("error", {"error": error})
 
 
 def _sse(event: str, data: dict[str, Any]) -> str:
@@ -320,33 +346,6 @@ def _image_params(stages: list[OmniStageConfig], body: ImageGenerationRequest, i
             dit_params["partial_images"] = body.partial_images
         params.append(dit_params)
     return params
-
-
-def _stage_params(server: OmniServer, by_stage: dict[int, dict[str, Any]]) -> list[Any]:
-    unknown = sorted(set(by_stage) - {stage.stage_id for stage in server.omni.stages})
-    if unknown:
-        raise ServerError(400, f"no stage {unknown} in this pipeline", "params")
-    return [by_stage.get(stage.stage_id) for stage in server.omni.stages]
-
-
-def _generate_response(server: OmniServer, result: Any) -> dict[str, Any]:
-    stages = {}
-    for stage_id, output in result.stage_outputs.items():
-        stage = server.omni.stages[stage_id]
-        stages[stage_id] = {"kind": stage.engine_type, **get_stage_kind(stage.engine_type).summarize(output)}
-    images = [encode_image(_as_pil(image), "png", None) for image in _listed(result.images)]
-    return {"request_id": result.request_id, "text": result.text, "images": images, "stages": stages}
-
-
-def _listed(images: Any) -> Any:
-    """A DiT stage's images: a list of PIL images, an NHWC float array (``output_type="np"``), or None."""
-    return () if images is None else images
-
-
-def _as_pil(image: Any) -> Any:
-    if isinstance(image, np.ndarray):  # HWC, values in [0, 1]
-        return Image.fromarray((image.clip(0, 1) * 255).round().astype(np.uint8).squeeze())
-    return image
 
 
 def _info(server: OmniServer, stats: list[dict[str, int]]) -> dict[str, Any]:
