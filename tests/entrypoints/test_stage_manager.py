@@ -160,8 +160,10 @@ def test_a_killed_manager_leaves_no_stage_behind():
 @pytest.mark.engine
 def test_ctrl_c_stops_every_stage_and_engine():
     process = _start_script(f"""
-        import threading, time
+        import os, threading, time
         from vllm_omni import OmniLLM, create_ar_stage_config, create_dit_stage_config
+
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # the engine core in a process of its own
         from vllm_omni.testing.tiny_models import tiny_model_path
 
         def say_when_generating(omni):
@@ -184,7 +186,8 @@ def test_ctrl_c_stops_every_stage_and_engine():
 
 
 @pytest.mark.engine
-def test_close_stops_what_a_killed_ar_stage_left_running():
+def test_close_stops_what_a_killed_ar_stage_left_running(monkeypatch):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # the engine core in a process of its own
     stage = create_ar_stage_config(0, tiny_model_path("qwen3"), max_model_len=256, enforce_eager=True)
     omni = OmniLLM([stage])
     stage_pid = omni.manager.running.handles[0].process.pid

@@ -89,12 +89,19 @@ class AsyncOmniLLM:
             self.manager.abort([request_id])
 
     def _deliver(self, updates: list[OmniRequestOutput]) -> None:
+        """Hand each update to its caller's stream: one wake-up per event loop for the whole batch."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, OmniRequestOutput]]] = {}
         for update in updates:
             target = self._streams.get(update.request_id)
-            if target is None:
-                continue
-            loop, stream = target
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], update))
+        for loop, batch in by_loop.items():
             try:
-                loop.call_soon_threadsafe(stream.put_nowait, update)
+                loop.call_soon_threadsafe(_put_all, batch)
             except RuntimeError:  # that caller's event loop is closed: nobody is listening
                 continue
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, OmniRequestOutput]]) -> None:
+    for stream, update in batch:
+        stream.put_nowait(update)

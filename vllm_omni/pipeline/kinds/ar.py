@@ -133,6 +133,7 @@ class ARStageEngine(StageEngine):
         engine_args = dict(config.engine_args)
         if "hidden_states" in config.output_modalities:
             engine_args.setdefault("return_prompt_hidden_states", True)
+        _run_engine_in_process(engine_args)
         self.llm = LLM(model=config.model_path, **engine_args)
         self.engine = self.llm.llm_engine
 
@@ -177,6 +178,28 @@ class ARStageEngine(StageEngine):
 
     def close(self) -> None:
         self.engine.engine_core.shutdown()
+
+
+def _run_engine_in_process(engine_args: dict[str, Any]) -> None:
+    """On CPU, with one worker, the stage's own process runs vLLM's engine core and worker (in-process
+    engine core, ``uni`` executor), unless ``VLLM_ENABLE_V1_MULTIPROCESSING`` is set (then vLLM's choice) or
+    ``engine_args`` name another executor.
+
+    vLLM's engine-core and worker processes busy-poll each other while requests run; on a CPU machine they
+    take the cores the stage's own process and the server need, and tokens leave the stage in bursts. The
+    tiny Qwen3 through ``AsyncOmniLLM``, 16 requests of 32 tokens in flight on 2 cores: 8700 instead of
+    1600-2400 tokens/s, time to first token 7 instead of 110-280 ms. On a GPU the engine core keeps its
+    own process (it overlaps output processing with the GPU's work).
+    """
+    import os
+
+    from vllm.platforms import current_platform
+
+    parallel = engine_args.get("tensor_parallel_size", 1) * engine_args.get("pipeline_parallel_size", 1)
+    if not current_platform.is_cpu() or parallel != 1 or "VLLM_ENABLE_V1_MULTIPROCESSING" in os.environ:
+        return
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # this process is the stage's alone
+    engine_args.setdefault("distributed_executor_backend", "uni")
 
 
 def _is_rendered(prompt: Any) -> bool:
