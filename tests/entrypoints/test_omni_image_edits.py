@@ -1,5 +1,5 @@
 """`POST /v1/images/edits` on `vllm serve MODEL --omni` with the tiny SD3: the official openai client against
-the DiT engine run directly, the size taken from the image, the example client, bad input."""
+the DiT engine run directly, streamed edits, the size taken from the image, the example client, bad input."""
 
 from __future__ import annotations
 
@@ -68,6 +68,21 @@ def test_edit_equals_the_dit_engine_with_the_same_image_seed_and_strength(client
     assert np.abs(images[0] - np.asarray(expected["text"].images[0], dtype=int)).max() > 1  # the image counts
 
 
+def test_a_streamed_edit_sends_previews_then_the_image_of_the_same_edit_unstreamed(client):
+    file = ("init.png", png(INIT), "image/png")
+    extra = {"seed": 5, "strength": 0.5, "num_inference_steps": 6}  # 3 steps run: previews after 1 and 2
+    stream = client.images.edit(
+        image=file, prompt="a red sunset", stream=True, partial_images=2, extra_body=extra
+    )
+    events = list(stream)
+    assert [e.type for e in events] == ["image_edit.partial_image"] * 2 + ["image_edit.completed"]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    assert all(decode(e.b64_json).size == (32, 32) and e.size == "32x32" for e in events)
+    whole = client.images.edit(image=file, prompt="a red sunset", extra_body=extra).data[0].b64_json
+    assert events[2].b64_json == whole and events[2].usage is not None  # previews leave the image alone
+    assert whole not in (events[0].b64_json, events[1].b64_json)
+
+
 def test_size_auto_is_the_image_size_rounded_to_the_dit_and_any_mode_is_taken(client):
     grey = random_image(1, width=50, height=42).convert("L")  # SD3 takes multiples of 4
     response = client.images.edit(image=("grey.png", png(grey), "image/png"), prompt="a cat",
@@ -86,14 +101,17 @@ def test_the_openai_clients_image_list_of_one_is_taken_of_two_refused(client):
     assert refused.value.body["param"] == "image" and "edits one image" in refused.value.body["message"]
 
 
-def test_the_image_edit_client_example(url, tmp_path):
+@pytest.mark.parametrize("stream", [[], ["--stream"]])
+def test_the_image_edit_client_example(url, tmp_path, stream):
     example = Path(__file__).parents[2] / "examples" / "online_serving" / "omni_image_edit_client.py"
     init, out = tmp_path / "init.png", tmp_path / "edited.png"
     INIT.save(init)
-    command = [sys.executable, str(example), "--url", url, "--image", str(init), "--out", str(out)]
+    command = [sys.executable, str(example), "--url", url, "--image", str(init), "--out", str(out), *stream]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert Image.open(out).size == (32, 32) and "(32x32)" in result.stdout
+    previews = [path.name for path in tmp_path.glob("edited.partial*.png")]
+    assert previews == (["edited.partial0.png"] if stream else [])
 
 
 def _image(data: bytes = b"", name: str = "image"):
@@ -116,7 +134,10 @@ BAD_REQUESTS = [
     (_image(png(random_image(2, 256, 256))), {"prompt": "x"}, "size"),  # auto: more than the tiny SD3 takes
     (_image(), {"prompt": "x", "response_format": "url"}, "response_format"),
     (_image(), {"prompt": "x", "n": 11}, "n"),
-    (_image(), {"prompt": "x", "stream": "true"}, "stream"),
+    (_image(), {"prompt": "x", "stream": "maybe"}, "stream"),
+    (_image(), {"prompt": "x", "stream": "true", "n": 2}, "n"),  # the events carry no image index
+    (_image(), {"prompt": "x", "stream": "true", "partial_images": 4}, "partial_images"),
+    (_image(), {"prompt": "x", "partial_images": 1}, "partial_images"),  # previews are streamed
     (_image(), {"prompt": "x", "style": "vivid"}, "style"),
 ]
 

@@ -15,7 +15,7 @@ import io
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from PIL import Image
 from pydantic import Field, ValidationError
@@ -35,20 +35,13 @@ _IMAGE_REFUSED = re.compile(r"stage \d+ \(dit\): (ValueError: )?image: ")
 
 
 class ImageEditRequest(ImageGenerationRequest):
-    """The form fields of ``POST /v1/images/edits`` but its files: those of generations plus ``strength``."""
+    """The form fields of ``POST /v1/images/edits`` but its files: those of generations plus ``strength``;
+    streamed, its events are ``image_edit.partial_image`` and ``image_edit.completed``."""
 
+    event_kind: ClassVar[str] = "image_edit"
     strength: float | None = Field(None, gt=0, le=1)
     """Share of the DiT's schedule run from the noised init image, in (0, 1] (1: all of it, the image only
     seeds the noise); None: the stage's default (0.6)."""
-
-    def check_served(self) -> None:
-        """Refuse what this server does not do; streamed edits (``image_edit.*`` events) are not served."""
-        if self.stream or self.partial_images:
-            field = "stream" if self.stream else "partial_images"
-            raise ImageRequestError(
-                field, "streamed edits are not served: leave stream and partial_images unset"
-            )
-        super().check_served()
 
 
 @dataclass

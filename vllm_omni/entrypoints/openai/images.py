@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -32,6 +32,8 @@ class ImageGenerationRequest(BaseModel):
     """The body of ``POST /v1/images/generations`` (OpenAI's fields, then this server's extensions)."""
 
     model_config = ConfigDict(extra="forbid")
+    event_kind: ClassVar[str] = "image_generation"
+    """The streamed events' ``type`` prefix: ``<event_kind>.partial_image``, ``<event_kind>.completed``."""
 
     prompt: str = Field(min_length=1, max_length=32_000)
     model: str | None = None
@@ -50,8 +52,8 @@ class ImageGenerationRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, le=100)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
-    """Send server-sent events: ``image_generation.partial_image`` previews, then
-    ``image_generation.completed`` (one image: ``n`` must be 1)."""
+    """Send server-sent events: ``partial_image`` previews, then the ``completed`` image (one image: ``n``
+    must be 1, as the events carry no image index)."""
     partial_images: int = Field(0, ge=0, le=3)
     """Previews to stream while the image denoises (with ``stream``)."""
 
@@ -112,13 +114,11 @@ def encode_image(image: Any, output_format: str, compression: int | None) -> str
 def image_event(
     request: ImageGenerationRequest, image: Any, partial_image_index: int | None
 ) -> dict[str, Any]:
-    """An ``image_generation.partial_image`` event (``partial_image_index`` set) or the
-    ``image_generation.completed`` one."""
+    """A ``<event_kind>.partial_image`` event of ``request`` (``partial_image_index`` set) or its
+    ``<event_kind>.completed`` one (``image_generation.*``, ``image_edit.*``)."""
     width, height = image.size
     event = {
-        "type": "image_generation.completed"
-        if partial_image_index is None
-        else "image_generation.partial_image",
+        "type": f"{request.event_kind}.{'completed' if partial_image_index is None else 'partial_image'}",
         "b64_json": encode_image(image, request.output_format, request.output_compression),
         "created_at": int(time.time()),
         "size": f"{width}x{height}",

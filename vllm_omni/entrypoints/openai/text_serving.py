@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 
 if TYPE_CHECKING:
-    from vllm_omni.entrypoints.openai.api_server import OmniServer
+    from vllm_omni.entrypoints.openai.omni_server import OmniServer
 
 CHAT_FLAGS = {
     "chat_template": "the chat template (a file or the template itself; default: the tokenizer's)",
