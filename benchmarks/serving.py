@@ -47,6 +47,7 @@ from pathlib import Path
 
 import httpx
 
+from vllm_omni.testing.server import ServerStartError, wait_healthy
 from vllm_omni.testing.tiny_models import tiny_model_path
 
 VLLM = str(Path(sys.executable).parent / "vllm")
@@ -74,8 +75,8 @@ class Server:
     it), its output in a file whose tail is in the error when it exits or is not healthy in time. Use it
     as a context manager (stopped on exit, whatever happened) and ``wait_healthy`` for its URL."""
 
-    def __init__(self, name: str, model: str, *flags: str) -> None:
-        self.name, self.url = name, f"http://127.0.0.1:{free_port()}"
+    def __init__(self, model: str, *flags: str) -> None:
+        self.url = f"http://127.0.0.1:{free_port()}"
         command = [VLLM, "serve", model, "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1], *flags]
         self.log = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(command, env=SERVER_ENV, stdout=self.log, stderr=subprocess.STDOUT,
@@ -89,21 +90,9 @@ class Server:
         self.log.close()
 
     def wait_healthy(self) -> str:
-        """The server's URL once ``/health`` answers 200 (ServerError if it exits or takes too long)."""
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self.url
-            except httpx.HTTPError:
-                pass  # not listening yet
-            time.sleep(0.5)
-        code = self.process.poll()
-        state = f"exited with {code}" if code is not None else f"not healthy in {START_TIMEOUT_SECONDS} s"
-        self.log.seek(0)
-        tail = self.log.read()[-LOG_TAIL_CHARS:]
-        command = " ".join(self.process.args)
-        raise ServerError(f"the {self.name} server ({command}) {state}; its log ends:\n{tail}")
+        """The server's URL once ``/health`` answers 200 (ServerStartError if it exits or takes too long)."""
+        wait_healthy(self.url, self.process, START_TIMEOUT_SECONDS, self.log)
+        return self.url
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -193,7 +182,7 @@ def images(args) -> None:
 
     sd3 = tiny_model_path("sd3")
     flags = ["--omni", "--dit-steps", str(args.steps), "--dit-size", f"{args.size}x{args.size}"]
-    with Server("omni (sd3)", sd3, *flags) as server:  # starts while OmniLLM starts
+    with Server(sd3, *flags) as server:  # starts while OmniLLM starts
         omni = OmniLLM([create_dit_stage_config(0, sd3, num_inference_steps=args.steps, height=args.size,
                                                 width=args.size)])  # fmt: skip
         try:
@@ -295,7 +284,7 @@ def text(args) -> None:
         for round_index in range(args.rounds):
             order = list(servers) if round_index % 2 == 0 else list(servers)[::-1]
             for name in order:
-                with Server(name, qwen3, *servers[name]) as server:
+                with Server(qwen3, *servers[name]) as server:
                     url = server.wait_healthy()
                     for concurrency in args.text_concurrency:
                         result = Path(tmp) / f"{name}-{concurrency}-{round_index}.json"
@@ -348,7 +337,7 @@ def main() -> None:
             images(args)
         if args.only in (None, "text"):
             text(args)
-    except ServerError as error:
+    except (ServerError, ServerStartError) as error:
         sys.exit(f"benchmarks/serving.py: {error}")
 
 

@@ -6,14 +6,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import requests
 import torch
 from PIL import Image
+
+from vllm_omni.testing.server import wait_healthy
 
 IMAGE_PROMPT = "<|im_start|>user\n<image>Describe the image.<|im_end|>\n<|im_start|>assistant\n"
 
@@ -83,7 +83,7 @@ def running_server(model: str | None, *args: str, timeout: float = 240):
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
-            _wait_healthy(url, process, log, timeout)
+            wait_healthy(url, process, timeout, log)
             yield url
         finally:
             process.terminate()
@@ -92,19 +92,3 @@ def running_server(model: str | None, *args: str, timeout: float = 240):
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-
-
-def _wait_healthy(url: str, process: subprocess.Popen, log, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            break
-        try:
-            if requests.get(f"{url}/health", timeout=1).ok:
-                return
-        except requests.RequestException:
-            pass  # not listening yet
-        time.sleep(1)
-    log.seek(0)
-    state = f"exited with {process.returncode}" if process.poll() is not None else f"not up in {timeout} s"
-    raise RuntimeError(f"vllm serve {state}:\n{log.read()[-3000:]}")

@@ -8,24 +8,10 @@ import argparse
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import requests
-
+from vllm_omni.testing.server import wait_healthy
 from vllm_omni.testing.tiny_models import tiny_model_path
-
-
-def wait_healthy(server: subprocess.Popen, url: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            if requests.get(f"{url}/health", timeout=1).ok:
-                return
-        except requests.RequestException:
-            pass  # not listening yet
-        time.sleep(0.5)
-    raise SystemExit(f"the server did not come up (exit code {server.poll()})")
 
 
 def main() -> None:
@@ -40,7 +26,7 @@ def main() -> None:
     server = subprocess.Popen(command)
     url = f"http://127.0.0.1:{args.port}"
     try:
-        wait_healthy(server, url)
+        wait_healthy(url, server)  # its output is on this terminal: no log to quote
         client = Path(__file__).with_name("omni_images_client.py")
         subprocess.run([sys.executable, str(client), "--url", url, "--out", args.out], check=True)
     finally:
