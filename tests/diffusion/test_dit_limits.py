@@ -68,7 +68,7 @@ def refusals(family: str, kind: str) -> list[tuple[dict, str]]:
         (dict(sampler="FlowMatchEulerDiscreteScheduler"),
          "sampler: the diffusers executor runs the folder's own scheduler; leave it unset"),
         (dict(return_latents=True),
-         "return_latents is not available with use_diffusers; use output_type='latent'"),
+         f"return_latents is not available with the diffusers executor ({family}); use output_type='latent'"),
     ]  # fmt: skip
 
 

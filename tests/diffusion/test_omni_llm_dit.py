@@ -88,7 +88,7 @@ def test_diffusers_executor_refuses_what_it_cannot_do(dit_path):
     from vllm_omni.config.dit import DiTConfig
 
     executor = create_diffusion_engine(dit_path, DiTConfig(use_diffusers=True))
-    with pytest.raises(ValueError, match="return_latents is not available with use_diffusers"):
+    with pytest.raises(ValueError, match="return_latents is not available with the diffusers executor"):
         executor.add_request("x", "a", Params(return_latents=True))
     with pytest.raises(ValueError, match="the diffusers executor runs the folder's own scheduler"):
         executor.add_request("x", "a", Params(sampler="FlowMatchEulerDiscreteScheduler"))

@@ -12,6 +12,7 @@ CACHE_POLICIES = ("fifo", "lru", "lfu")
 STEP_CACHES = ("first_block",)
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 DEVICES = ("auto", "cpu", "cuda")
+EXECUTORS = ("auto", "native", "diffusers")
 
 
 @dataclass
@@ -50,8 +51,19 @@ class DiTConfig:
     falls back to the model family's default.
     """
 
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of the stage's ``model_path`` when it is a hub repo id
+    (``None``: ``main``); unused for a local folder."""
+    executor: str = "auto"
+    """What runs the pipeline: ``native`` (the step-level engine: native families only, see ``model_type``),
+    ``diffusers`` (the pipeline's own ``__call__``, request-level batching: any diffusers pipeline) or
+    ``auto`` (native for the native families' pipelines, diffusers for every other)."""
+    use_diffusers: bool | None = None
+    """Alias of ``executor``: ``True`` is ``diffusers``, ``False`` is ``native``, ``None`` (default) leaves
+    ``executor`` as it is; a value that contradicts ``executor`` is an error."""
     model_type: str = "auto"
-    """Native model family (``sd3``, ``z_image``) or ``auto`` to pick it from ``model_index.json``."""
+    """Native model family (``sd3``, ``z_image``) or ``auto`` to pick it from ``model_index.json``; a family
+    named here means the native executor."""
     scheduler: str | None = None
     """Default sampler: a diffusers scheduler class name the model supports (``None``: the folder's)."""
     num_inference_steps: int | None = None
@@ -76,9 +88,6 @@ class DiTConfig:
     """Most requests queued behind the running batch; more are refused."""
     attention_backend: str = "sdpa"
     """``sdpa`` (PyTorch scaled-dot-product attention) or ``xformers`` (CUDA installs only)."""
-    use_diffusers: bool = False
-    """Run the folder's diffusers pipeline as a black box (request-level batching) instead of the native
-    step-level runner; works for any diffusers pipeline."""
     cache: DiTCacheConfig = field(default_factory=DiTCacheConfig)
     """Conditioning and step caches."""
 
@@ -88,12 +97,30 @@ class DiTConfig:
         _require_choice(self.dtype, "DiTConfig.dtype", DTYPES)
         _require_choice(self.device, "DiTConfig.device", DEVICES)
         _require_choice(self.attention_backend, "DiTConfig.attention_backend", ATTENTION_BACKENDS)
+        self._resolve_executor_alias()
         for name in ("max_height", "max_width", "max_batch_size", "max_waiting_requests"):
             _require(getattr(self, name) >= 1, f"DiTConfig.{name}", "an integer >= 1")
         if self.num_inference_steps is not None:
             _require(self.num_inference_steps >= 1, "DiTConfig.num_inference_steps", "an integer >= 1")
         if self.guidance_scale is not None:
             _require(self.guidance_scale >= 0, "DiTConfig.guidance_scale", "a number >= 0")
+
+    def _resolve_executor_alias(self) -> None:
+        _require_choice(self.executor, "DiTConfig.executor", EXECUTORS)
+        _require_choice(self.use_diffusers, "DiTConfig.use_diffusers", (None, True, False))
+        if self.use_diffusers is not None:
+            alias = "diffusers" if self.use_diffusers else "native"
+            if self.executor not in ("auto", alias):
+                raise ValueError(
+                    f"DiTConfig.use_diffusers={self.use_diffusers} (executor {alias!r}) contradicts "
+                    f"executor={self.executor!r}; set executor alone"
+                )
+            self.executor = alias
+        if self.executor == "diffusers" and self.model_type != "auto":
+            raise ValueError(
+                f"DiTConfig.model_type={self.model_type!r} names a native family; executor 'diffusers' runs "
+                "the pipeline model_index.json names (leave model_type 'auto')"
+            )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DiTConfig:

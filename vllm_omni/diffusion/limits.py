@@ -73,10 +73,14 @@ class DiTLimits:
         if params.sampler is not None:
             self.check_sampler(params.sampler)
         if params.return_latents and not self.step_level:
-            raise ValueError("return_latents is not available with use_diffusers; use output_type='latent'")
+            raise ValueError(
+                f"return_latents is not available with the diffusers executor ({self.name}); use "
+                "output_type='latent'"
+            )
         if params.partial_images and not self.step_level:
             raise ValueError(
-                "partial_images is not available with use_diffusers (it runs whole pipeline calls)"
+                f"partial_images is not available with the diffusers executor ({self.name}: it runs whole "
+                "pipeline calls)"
             )
 
     def check_request(

@@ -1,7 +1,8 @@
 """Tiny random-weight checkpoints for tests, the demo and benchmarks (no hub access at run time).
 
 Each builder makes a real Hugging Face folder with the real ``transformers`` classes at tiny size,
-seeded and deterministic; the DiT families (``sd3``, ``z_image``, see ``tiny_dit``) are diffusers folders.
+seeded and deterministic; the DiT families (``sd3``, ``z_image``, see ``tiny_dit``) and the pipelines the
+diffusers executor runs (``sd2``, ``pixart_sigma``, ``flux``, see ``tiny_diffusers``) are diffusers folders.
 ``tiny_model_path(name)`` returns the cached folder and rebuilds it only when the builder's definition (the
 source of its module and of the shared tokenizer, and the checkpoints it embeds) or the installed
 ``transformers``/``diffusers`` version changes.
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_omni.testing import tiny_dit
+from vllm_omni.testing import tiny_diffusers, tiny_dit
 from vllm_omni.testing import tokenizer as tokenizer_module
 
 CACHE_ENV = "VLLM_OMNI_TINY_MODELS_DIR"
@@ -145,13 +146,17 @@ TINY_MODELS: dict[str, Callable[[Path], None]] = {
     "sd3": tiny_dit.build_sd3,
     "z_image": tiny_dit.build_z_image,
     "multimodal_qwen3": build_multimodal_qwen3,
+    "sd2": tiny_diffusers.build_sd2,
+    "pixart_sigma": tiny_diffusers.build_pixart_sigma,
+    "flux": tiny_diffusers.build_flux,
 }
 # Diffusers-format checkpoints, and the tiny checkpoints a checkpoint is made from (z_image's text encoder and
 # tokenizer are qwen3's): both count in its fingerprint.
-DIFFUSERS_FORMAT = frozenset({"sd3", "z_image"})
+DIFFUSERS_FORMAT = frozenset({"sd3", "z_image", "sd2", "pixart_sigma", "flux"})
 MADE_FROM: dict[str, tuple[str, ...]] = {"z_image": ("qwen3",), "multimodal_qwen3": ("qwen3",)}
 # Modules besides the builder's own whose source defines a checkpoint.
 BUILT_WITH: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("sd2", "pixart_sigma", "flux"), ("vllm_omni.testing.tiny_dit",)),  # tokenizers, VAE
     "multimodal_qwen3": (
         "vllm_omni.transformers_utils.multimodal_qwen3_builder",
         "vllm_omni.config.multimodal_qwen3",

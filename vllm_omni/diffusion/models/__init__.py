@@ -2,38 +2,49 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
+from vllm_omni.config.dit import DiTConfig
 from vllm_omni.diffusion.models.base import DenoiseState, DiTFamily
 from vllm_omni.diffusion.models.sd3 import SD3Family
 from vllm_omni.diffusion.models.z_image import ZImageFamily
 
 FAMILIES: dict[str, type[DiTFamily]] = {cls.name: cls for cls in (SD3Family, ZImageFamily)}
 
-__all__ = ["FAMILIES", "DenoiseState", "DiTFamily", "pipeline_class_name", "resolve_family"]
+__all__ = ["FAMILIES", "DenoiseState", "DiTFamily", "native_family", "resolve_family", "select_executor"]
 
 
-def pipeline_class_name(model_path: str) -> str:
-    """The diffusers pipeline class a diffusers-format folder declares."""
-    index = Path(model_path) / "model_index.json"
-    if not index.is_file():
-        raise ValueError(f"{model_path!r} is not a diffusers folder (no model_index.json)")
-    return json.loads(index.read_text())["_class_name"]
+def native_family(class_name: str) -> type[DiTFamily] | None:
+    """The native family serving diffusers pipeline class ``class_name``; None when none does."""
+    return next((family for family in FAMILIES.values() if class_name in family.pipeline_classes), None)
 
 
-def resolve_family(model_path: str, model_type: str = "auto") -> type[DiTFamily]:
-    """The family serving ``model_path``: ``model_type`` when given, else the one its pipeline class names."""
+def select_executor(class_name: str, config: DiTConfig) -> str:
+    """``native`` or ``diffusers``: what runs pipeline class ``class_name`` under ``config.executor``
+    (``auto``: native for the native families' pipelines or a ``model_type`` given, diffusers otherwise)."""
+    native = config.model_type != "auto" or native_family(class_name) is not None
+    if config.executor == "auto":
+        return "native" if native else "diffusers"
+    if config.executor == "native" and not native:
+        raise ValueError(_no_native_family(class_name, "DiTConfig.executor='native'"))
+    return config.executor
+
+
+def resolve_family(class_name: str, model_type: str = "auto") -> type[DiTFamily]:
+    """The family serving pipeline class ``class_name``: ``model_type`` when given, else the one that class
+    names."""
     if model_type != "auto":
         if model_type not in FAMILIES:
             allowed = ["auto", *sorted(FAMILIES)]
             raise ValueError(f"DiTConfig.model_type must be one of {allowed}, got {model_type!r}")
         return FAMILIES[model_type]
-    class_name = pipeline_class_name(model_path)
-    for family in FAMILIES.values():
-        if class_name in family.pipeline_classes:
-            return family
-    raise ValueError(
-        f"{class_name} (from {model_path}/model_index.json) has no native runner; native families: "
-        f"{sorted(FAMILIES)}. Set DiTConfig.use_diffusers=True to run the diffusers pipeline as is."
+    family = native_family(class_name)
+    if family is None:
+        raise ValueError(_no_native_family(class_name, "the native engine"))
+    return family
+
+
+def _no_native_family(class_name: str, what: str) -> str:
+    pipelines = sorted(name for family in FAMILIES.values() for name in family.pipeline_classes)
+    return (
+        f"{what}: {class_name} has no native runner; native families: {sorted(FAMILIES)} (pipelines "
+        f"{pipelines}). DiTConfig.executor 'auto' (the default) or 'diffusers' runs it through diffusers."
     )

@@ -1,9 +1,10 @@
 """``vllm serve MODEL --omni``: an omni pipeline behind an HTTP server (``OmniServeCommand``).
 
-The pipeline comes from ``MODEL`` (a diffusers folder: one ``dit`` stage; a vLLM model: one ``ar`` stage;
-a stage YAML file), from ``--stage-config FILE``, or from ``--ar-stage MODEL --dit-stage MODEL`` (the LLM
-rewrites the prompt, the DiT draws it). vLLM's engine flags (``--max-model-len``, ``--dtype``, ...) go to
-every ``ar`` stage; ``--dit-*`` flags to every ``dit`` stage.
+The pipeline comes from ``MODEL`` (a diffusers pipeline, folder or hub id: one ``dit`` stage; a vLLM model,
+folder or hub id: one ``ar`` stage; a stage YAML file), from ``--stage-config FILE``, or from
+``--ar-stage MODEL --dit-stage MODEL`` (the LLM rewrites the prompt, the DiT draws it). vLLM's engine flags
+(``--max-model-len``, ``--dtype``, ``--revision``, ...) go to every ``ar`` stage; ``--dit-*`` flags to every
+``dit`` stage (and ``--revision`` to MODEL's).
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from vllm_omni.config.stage import (
     load_stage_configs,
 )
 from vllm_omni.entrypoints.openai.text_serving import add_chat_args
+from vllm_omni.transformers_utils.model_resolution import DIFFUSERS_INDEX, is_local, model_file
 
 DESCRIPTION = """Serve an omni pipeline: OpenAI Images API (/v1/images/generations), /v1/chat/completions and
 /v1/completions (pipelines from an ar stage to an ar stage), the native /generate, /health, /info,
 /v1/models and /metrics (Prometheus).
 
-  vllm serve MODEL --omni                         a diffusers folder, a vLLM model or a stage YAML file
+  vllm serve MODEL --omni                         a diffusers pipeline or a vLLM model (folder or hub id),
+                                                  or a stage YAML file
   vllm serve --omni --stage-config pipeline.yaml
   vllm serve --omni --ar-stage LLM --dit-stage DIT   the LLM rewrites each prompt, the DiT draws it
 """
@@ -47,7 +50,9 @@ class OmniServeCommand:
             "serve", description=DESCRIPTION, usage="vllm serve [MODEL] --omni [options]",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )  # fmt: skip
-        parser.add_argument("model_tag", nargs="?", help="diffusers folder, vLLM model or stage YAML file")
+        parser.add_argument(
+            "model_tag", nargs="?", help="diffusers pipeline or vLLM model (folder or hub id), or stage YAML"
+        )
         parser.add_argument("--omni", action="store_true", required=True, help="serve an omni pipeline")
         _add_pipeline_args(parser.add_argument_group("pipeline"))
         _add_server_args(parser.add_argument_group("server"))
@@ -111,19 +116,21 @@ def stages_from_args(args: argparse.Namespace) -> list[OmniStageConfig]:
             create_dit_stage_config(1, args.dit_stage),
         ]
     elif args.stage_config or args.model_tag:
-        stages = _stages_of(args.stage_config or args.model_tag)
+        stages = _stages_of(args.stage_config or args.model_tag, args.revision)
     else:
         raise ValueError("no pipeline: give MODEL, --stage-config FILE, or --ar-stage and --dit-stage")
     return [_with_flags(stage, args) for stage in stages]
 
 
-def _stages_of(model: str) -> list[OmniStageConfig]:
+def _stages_of(model: str, revision: str | None) -> list[OmniStageConfig]:
+    """MODEL's pipeline: a stage YAML file; a diffusers pipeline, folder or hub id (``model_index.json``,
+    ``--revision`` applies): one dit stage; a vLLM model, folder or hub id: one ar stage."""
     path = Path(model)
     if path.suffix in (".yaml", ".yml"):
         return load_stage_configs(path)
-    if (path / "model_index.json").is_file():
-        return [create_dit_stage_config(0, model)]
-    if (path / "config.json").is_file() or not path.exists():  # a vLLM model folder, or a hub id vLLM loads
+    if model_file(model, DIFFUSERS_INDEX, revision) is not None:
+        return [create_dit_stage_config(0, model, revision=revision)]
+    if (path / "config.json").is_file() or not is_local(model):  # a vLLM model folder, or a hub id vLLM loads
         return [create_ar_stage_config(0, model)]
     raise ValueError(
         f"MODEL {model!r}: a folder with model_index.json (diffusers) or config.json (vLLM), "

@@ -10,6 +10,7 @@ from vllm_omni.pipeline.kinds.base import StageEngine, StageEvent, StageKind
 from vllm_omni.pipeline.outputs import OmniRequestOutput
 from vllm_omni.pipeline.protocol import StageRequest
 from vllm_omni.pipeline.stage_metrics import StageMetrics, collect_vllm_metrics
+from vllm_omni.transformers_utils.model_resolution import ensure_available
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ class ARStageEngine(StageEngine):
         if "hidden_states" in config.output_modalities:
             engine_args.setdefault("return_prompt_hidden_states", True)
         _run_engine_in_process(engine_args)
+        ensure_available(config.model_path, engine_args.get("revision"))  # offline: an error naming the id
         self.llm = LLM(model=config.model_path, **engine_args)
         self.engine = self.llm.llm_engine
 

@@ -78,8 +78,9 @@ class DiTStageEngine(StageEngine):
     def has_unfinished_requests(self) -> bool:
         return self.engine.has_unfinished_requests()
 
-    def stats(self) -> dict[str, int]:
-        return self.engine.memory_stats()
+    def stats(self) -> dict[str, int | str]:
+        """The engine's memory stats and which executor runs (``native`` or ``diffusers``)."""
+        return {"executor": self.engine.executor, **self.engine.memory_stats()}
 
     def metrics(self) -> StageMetrics:
         """The batch, the queue and the conditioning cache's counters (the native engine's)."""

@@ -6,10 +6,15 @@ from typing import Any
 
 from vllm_omni.config.dit import DiTConfig
 from vllm_omni.diffusion.cache_manager import DiTCacheStats
+from vllm_omni.diffusion.models import select_executor
 from vllm_omni.diffusion.request import DiffusionOutput, DiffusionSamplingParams
+from vllm_omni.logger import init_logger
+from vllm_omni.transformers_utils.model_resolution import diffusers_folder, pipeline_class_name
 from vllm_omni.v1.core.sched.diffusion_scheduler import OmniDiffusionScheduler
 from vllm_omni.v1.executor.diffusers_executor import DiffusersPipelineExecutor
 from vllm_omni.v1.worker.diffusion_model_runner import OmniDiffusionModelRunner
+
+logger = init_logger(__name__)
 
 
 class DiffusionEngine:
@@ -20,6 +25,9 @@ class DiffusionEngine:
     (finished, failed or aborted are all reported once). The scheduler owns the requests' lifecycle; the
     runner frees a request's state when a scheduler output lists it as ended.
     """
+
+    executor = "native"
+    """Which ``DiTConfig.executor`` this engine is."""
 
     def __init__(self, model_path: str, config: DiTConfig | None = None) -> None:
         self.config = config or DiTConfig()
@@ -76,8 +84,14 @@ class DiffusionEngine:
 
 
 def create_diffusion_engine(model_path: str, config: DiTConfig | None = None):
-    """The native step-level engine, or the diffusers pipeline as a black box when ``use_diffusers``."""
+    """The engine ``config.executor`` picks for ``model_path`` (a diffusers folder or hub repo id at
+    ``config.revision``): the native step-level engine or the diffusers pipeline as a black box. Logs which
+    one runs; its ``executor`` attribute says it too."""
     config = config or DiTConfig()
-    if config.use_diffusers:
-        return DiffusersPipelineExecutor(model_path, config)
-    return DiffusionEngine(model_path, config)
+    folder = diffusers_folder(model_path, config.revision)
+    class_name = pipeline_class_name(folder)
+    executor = select_executor(class_name, config)
+    logger.info("DiT stage %s: %s runs on the %s executor (DiTConfig.executor=%r)",
+                model_path, class_name, executor, config.executor)  # fmt: skip
+    engine_class = DiffusionEngine if executor == "native" else DiffusersPipelineExecutor
+    return engine_class(str(folder), config)

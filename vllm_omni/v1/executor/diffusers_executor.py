@@ -27,6 +27,7 @@ from vllm_omni.diffusion.request import (
     DiffusionSamplingParams,
     parse_prompt,
 )
+from vllm_omni.transformers_utils.model_resolution import diffusers_folder
 
 
 class _CallKey(NamedTuple):
@@ -53,11 +54,16 @@ class DiffusersPipelineExecutor:
     """Same interface as ``DiffusionEngine``: ``add_request``, ``abort_request``, ``step``, ``limits``,
     ``memory_stats``, ``conditioning_cache_stats``."""
 
+    executor = "diffusers"
+    """Which ``DiTConfig.executor`` this engine is."""
+
     def __init__(self, model_path: str, config: DiTConfig) -> None:
+        """``model_path``: a diffusers folder or hub repo id (at ``config.revision``)."""
         from diffusers import DiffusionPipeline
 
         self.config = config
-        self.pipe = DiffusionPipeline.from_pretrained(model_path, dtype=config.torch_dtype())
+        folder = diffusers_folder(model_path, config.revision)
+        self.pipe = DiffusionPipeline.from_pretrained(folder, dtype=config.torch_dtype())
         self.pipe.to(config.torch_device())
         self.pipe.set_progress_bar_config(disable=True)
         if config.attention_backend == "xformers":
@@ -110,7 +116,7 @@ class DiffusersPipelineExecutor:
         name = type(self.pipe).__name__
         if self.family is None:
             raise ValueError(
-                f"{given[0]}: with use_diffusers, tensors are taken only for the pipelines of the native "
+                f"{given[0]}: the diffusers executor takes tensors only for the pipelines of the native "
                 f"families ({sorted(FAMILIES)}), whose shapes are known; {name} is not one"
             )
         pipe = self._pipeline_for(image=parsed["image"] is not None)

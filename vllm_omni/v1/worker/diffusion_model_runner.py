@@ -28,6 +28,7 @@ from vllm_omni.diffusion.request import (
     parse_prompt,
 )
 from vllm_omni.diffusion.step_cache import FirstBlockCache
+from vllm_omni.transformers_utils.model_resolution import diffusers_folder, pipeline_class_name
 
 if TYPE_CHECKING:
     from vllm_omni.v1.core.sched.diffusion_scheduler import DiffusionSchedulerOutput
@@ -39,12 +40,14 @@ class OmniDiffusionModelRunner:
     """Model, conditioning cache and per-request denoising states of one DiT stage."""
 
     def __init__(self, model_path: str, config: DiTConfig) -> None:
+        """``model_path``: a diffusers folder or hub repo id (at ``config.revision``)."""
         from diffusers import DiffusionPipeline
 
         self.config = config
-        family_cls = resolve_family(model_path, config.model_type)
+        folder = diffusers_folder(model_path, config.revision)
+        family_cls = resolve_family(pipeline_class_name(folder), config.model_type)
         device, dtype = config.torch_device(), config.torch_dtype()
-        pipe = DiffusionPipeline.from_pretrained(model_path, dtype=dtype).to(device)
+        pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype).to(device)
         pipe.set_progress_bar_config(disable=True)
         if config.attention_backend == "xformers":
             pipe.enable_xformers_memory_efficient_attention()
