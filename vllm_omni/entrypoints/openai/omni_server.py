@@ -2,8 +2,8 @@
 ``ServerError`` (an error response), ``watch`` (a client that goes away aborts its request) and
 ``event_stream`` (server-sent events of one request's snapshots, for images and ``/generate``).
 
-The app (``api_server.py``) and the route modules (``image_routes.py``) import from here, never from each
-other, as vLLM's routers import its shared serving pieces rather than its ``api_server``.
+The app (``api_server.py``) and the route modules it mounts (``image_routes.py``) import from here: a route
+module never imports the app, as vLLM's routers import its shared serving pieces, never its ``api_server``.
 """
 
 from __future__ import annotations
