@@ -2,7 +2,8 @@
 tests load it by hub repo id offline (``HF_HUB_OFFLINE=1``, ``HF_HUB_CACHE`` or ``HF_HOME`` pointing there).
 
 ``<cache>/models--<org>--<name>/``: ``blobs/<sha256>`` (the file contents), ``snapshots/<commit>/<path>``
-(relative symlinks to the blobs), ``refs/<revision>`` (the commit).
+(relative symlinks to the blobs), ``refs/<revision>`` (the commit). ``use_offline_hf_home`` points a test
+process and the processes it starts at such a cache, offline.
 """
 
 from __future__ import annotations
