@@ -141,8 +141,7 @@ def test_native_refuses_other_families_listing_the_native_ones():
     )
 
 
-def test_the_stage_logs_which_executor_runs(caplog, monkeypatch):
-    monkeypatch.setattr(logging.getLogger("vllm_omni"), "propagate", True)  # to caplog's root handler
+def test_the_stage_logs_which_executor_runs(caplog):
     with caplog.at_level(logging.INFO, logger="vllm_omni"):
         engine = create_diffusion_engine(tiny_model_path("sd3"), DiTConfig(max_batch_size=2))
     assert engine.executor == "native"
