@@ -97,7 +97,7 @@ class DiTConfig:
         _require_choice(self.dtype, "DiTConfig.dtype", DTYPES)
         _require_choice(self.device, "DiTConfig.device", DEVICES)
         _require_choice(self.attention_backend, "DiTConfig.attention_backend", ATTENTION_BACKENDS)
-        self._resolve_executor_alias()
+        self._check_executor()
         for name in ("max_height", "max_width", "max_batch_size", "max_waiting_requests"):
             _require(getattr(self, name) >= 1, f"DiTConfig.{name}", "an integer >= 1")
         if self.num_inference_steps is not None:
@@ -105,7 +105,8 @@ class DiTConfig:
         if self.guidance_scale is not None:
             _require(self.guidance_scale >= 0, "DiTConfig.guidance_scale", "a number >= 0")
 
-    def _resolve_executor_alias(self) -> None:
+    def _check_executor(self) -> None:
+        """Validate ``executor``, fold the ``use_diffusers`` alias into it, refuse contradictions."""
         _require_choice(self.executor, "DiTConfig.executor", EXECUTORS)
         _require_choice(self.use_diffusers, "DiTConfig.use_diffusers", (None, True, False))
         if self.use_diffusers is not None:
