@@ -145,21 +145,26 @@ class LocalProcess:
         stream.close()
 
 
-OMP_WAIT_POLICY = "PASSIVE"
-"""OpenMP threads of a stage sleep when idle instead of spinning (unless ``OMP_WAIT_POLICY`` is set).
+OPENMP_WAITING = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"}
+"""How a stage's OpenMP threads wait between parallel regions, unless either variable is set: they spin
+briefly (libgomp: 1000 turns, a few microseconds), then sleep. Intel's OpenMP sleeps at once (passive).
 
 A pipeline's processes share the machine's cores: stages, the manager (and a server), their clients.
-OpenMP threads that spin at every barrier take the cores the others need, and when one of a stage's
-threads is descheduled its peers spin for their whole time slice. On 2 cores, with the server and the
-load generator beside the stage: the tiny SD3 behind ``vllm serve --omni`` 1.1 vs 17.5 images/s, the tiny
-Qwen3 360 vs 4270 tokens/s (the stage spent 45 instead of 3.4 CPU-seconds on the same 512 requests).
+OpenMP's default spin (libgomp: 300000 turns) took the cores the others needed, and when one of a stage's
+threads was descheduled its peers spun for their whole time slice. On 2 cores, with the server and the
+load generator beside the stage: the tiny SD3 behind ``vllm serve --omni`` 1.1 vs 17.5 images/s, the
+tiny Qwen3 (16 in flight) 360 vs 4270 tokens/s (the stage spent 45 instead of 3.4 CPU-seconds on the
+same 512 requests). Sleeping at once instead costs the tiny Qwen3 a third of its single-request speed
+(1.7 vs 1.2 ms per token: each of its many tiny parallel regions wakes the threads); the short spin
+keeps both.
 """
 
 
 def _stage_environment(config: OmniStageConfig) -> dict[str, str]:
-    """Our environment plus the stage's placement and OpenMP wait policy."""
+    """Our environment plus the stage's placement and how its OpenMP threads wait."""
     environment = dict(os.environ)
-    environment.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
+    if not OPENMP_WAITING.keys() & environment.keys():
+        environment.update(OPENMP_WAITING)
     if config.devices is not None:
         environment["CUDA_VISIBLE_DEVICES"] = config.devices
     if config.cpus is not None:
