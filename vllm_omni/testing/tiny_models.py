@@ -1,8 +1,9 @@
 """Tiny random-weight checkpoints for tests, the demo and benchmarks (no hub access at run time).
 
 Each builder makes a real Hugging Face folder with the real ``transformers`` classes at tiny size,
-seeded and deterministic; the DiT families (``sd3``, ``z_image``, see ``tiny_dit``) and the pipelines the
-diffusers executor runs (``sd2``, ``pixart_sigma``, ``flux``, see ``tiny_diffusers``) are diffusers folders.
+seeded and deterministic (Qwen2.5-Omni: see ``tiny_qwen2_5_omni``); the DiT families (``sd3``, ``z_image``,
+see ``tiny_dit``) and the pipelines the diffusers executor runs (``sd2``, ``pixart_sigma``, ``flux``, see
+``tiny_diffusers``) are diffusers folders.
 ``tiny_model_path(name)`` returns the cached folder and rebuilds it only when the builder's definition (the
 source of its module and of the shared tokenizer, and the checkpoints it embeds) or the installed
 ``transformers``/``diffusers`` version changes.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_omni.testing import tiny_diffusers, tiny_dit
+from vllm_omni.testing import tiny_diffusers, tiny_dit, tiny_qwen2_5_omni
 from vllm_omni.testing import tokenizer as tokenizer_module
 
 CACHE_ENV = "VLLM_OMNI_TINY_MODELS_DIR"
@@ -149,6 +150,7 @@ TINY_MODELS: dict[str, Callable[[Path], None]] = {
     "sd2": tiny_diffusers.build_sd2,
     "pixart_sigma": tiny_diffusers.build_pixart_sigma,
     "flux": tiny_diffusers.build_flux,
+    "qwen2_5_omni": tiny_qwen2_5_omni.build_qwen2_5_omni,
 }
 # Diffusers-format checkpoints, and the tiny checkpoints a checkpoint is made from (z_image's text encoder and
 # tokenizer are qwen3's): both count in its fingerprint.
