@@ -67,6 +67,7 @@ def build_qwen2_5_omni(out: Path) -> None:
     config = omni_config(tok)
     torch.manual_seed(SEED)
     model = Qwen2_5OmniForConditionalGeneration(config)
+    audible_vocoder(model.token2wav.code2wav_bigvgan_model)
     model.save_pretrained(out)
     omni_processor(tok).save_pretrained(out)
     torch.save(speakers(tok), out / "spk_dict.pt")
@@ -158,6 +159,19 @@ def token2wav_config() -> dict:
     bigvgan = dict(mel_dim=MEL_DIM, upsample_initial_channel=64, resblock_kernel_sizes=[3],
                    resblock_dilation_sizes=[[1, 3, 5]])  # fmt: skip
     return dict(dit_config=dit, bigvgan_config=bigvgan)
+
+
+def audible_vocoder(vocoder: torch.nn.Module) -> None:
+    """Re-draw BigVGAN's convolutions at unit gain (std 1 / sqrt(fan-in)), its output layer at 0.03.
+
+    The default init (std 0.02) shrinks the signal at each of its six upsampling layers, to waveforms of about
+    1e-8 where a difference between two implementations would not show; these have a std near 0.1, unclipped.
+    """
+    for name, module in vocoder.named_modules():
+        if isinstance(module, torch.nn.Conv1d | torch.nn.ConvTranspose1d):
+            fan_in = module.in_channels // module.groups * module.kernel_size[0]
+            gain = 0.03 if name == "conv_post" else 1.0
+            torch.nn.init.normal_(module.weight, std=gain / fan_in**0.5)
 
 
 def omni_processor(tok):
