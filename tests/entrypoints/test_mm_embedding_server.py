@@ -1,5 +1,5 @@
 """mm_embedding over `vllm serve --enable-return-mm-embedding`, with and without `--omni` (real server on CPU,
-tiny LLaVA)."""
+tiny LLaVA); prompt hidden states asked of it are refused."""
 
 import base64
 import io
@@ -95,3 +95,16 @@ def test_completions_accept_the_field(server):
     assert response.json()["choices"][0]["mm_embedding"] is None  # a text prompt has no items
     bad = requests.post(f"{server}/v1/completions", json={**body, "mm_embedding_pooling": "max"})
     assert bad.status_code == 400 and "mm_embedding_pooling must be one of none, mean" in bad.text
+
+
+def test_prompt_hidden_states_without_the_server_flag_is_a_400(server):
+    model = model_name(server)
+    body = {"model": model, "prompt": "Hello", "max_tokens": 3, "return_prompt_hidden_states": True}
+    response = requests.post(f"{server}/v1/completions", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "return_prompt_hidden_states"
+    assert "--return-prompt-hidden-states" in error["message"]
+    chat_request = {**chat_body(random_image(84), return_prompt_hidden_states=True), "model": model}
+    chat = requests.post(f"{server}/v1/chat/completions", json=chat_request)
+    assert chat.status_code == 400 and "--return-prompt-hidden-states" in chat.text

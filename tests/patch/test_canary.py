@@ -137,6 +137,9 @@ READS = {
     "vllm.config:SchedulerConfig": ("scheduler_cls",),
     "vllm.v1.engine.core:EngineCore": ("scheduler",),
     "vllm.v1.worker.worker_base:WorkerBase": ("model_runner",),
+    # Whether the OpenAI server's engine returns a tensor (entrypoints/openai/tensor_fields.py).
+    "vllm.entrypoints.generate.base.serving:GenerateBaseServing": ("engine_client", "model_config"),
+    "vllm.v1.engine.async_llm:AsyncLLM": ("vllm_config",),
 }
 
 READ_STOCK_SIGNATURES = """

@@ -105,30 +105,34 @@ PATCHES: tuple[Patch, ...] = (
         ),
         vllm_tests=("tests/v1/engine/test_output_processor.py",),
     ),
+    # --- The per-request tensors (mm_embedding, prompt hidden states) over the OpenAI server; one path
+    # for both (vllm_omni/entrypoints/openai/tensor_fields.py) ---
     Patch(
-        name="mm_chat_request_fields",
+        name="chat_request_tensor_fields",
         module="vllm.entrypoints.openai.chat_completion.protocol",
-        apply="vllm_omni.entrypoints.openai.mm_embedding:swap_chat_request",
-        target="...chat_completion.protocol:ChatCompletionRequest -> subclass with mm_embedding fields",
-        reason="/v1/chat/completions accepts return_mm_embedding and its options (validated: 400).",
+        apply="vllm_omni.entrypoints.openai.tensor_fields:swap_chat_request",
+        target="...chat_completion.protocol:ChatCompletionRequest -> subclass with the tensor fields",
+        reason="/v1/chat/completions accepts return_mm_embedding, return_prompt_hidden_states and their "
+        "options (validated: 400), passed on in SamplingParams.extra_args.",
         before_first_use=True,
         wraps=("vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest.to_sampling_params",),
     ),
     Patch(
-        name="mm_completion_request_fields",
+        name="completion_request_tensor_fields",
         module="vllm.entrypoints.openai.completion.protocol",
-        apply="vllm_omni.entrypoints.openai.mm_embedding:swap_completion_request",
-        target="...completion.protocol:CompletionRequest -> subclass with mm_embedding fields",
-        reason="/v1/completions accepts return_mm_embedding and its options (validated: 400).",
+        apply="vllm_omni.entrypoints.openai.tensor_fields:swap_completion_request",
+        target="...completion.protocol:CompletionRequest -> subclass with the tensor fields",
+        reason="/v1/completions accepts the same fields.",
         before_first_use=True,
         wraps=("vllm.entrypoints.openai.completion.protocol:CompletionRequest.to_sampling_params",),
     ),
     Patch(
-        name="mm_chat_serving",
+        name="chat_serving_tensors",
         module="vllm.entrypoints.openai.chat_completion.serving",
-        apply="vllm_omni.entrypoints.openai.mm_embedding:patch_chat_serving",
+        apply="vllm_omni.entrypoints.openai.tensor_fields:patch_chat_serving",
         target="...chat_completion.serving:OpenAIServingChat (create, stream and full generators)",
-        reason="Return each choice's embedding as base64 .npy (final extra chunk when streaming).",
+        reason="Refuse (400) a tensor the engine does not return; put each asked tensor in every choice "
+        "as base64 .npy (an extra last chunk when streaming). vLLM builds choices from its own fields.",
         wraps=(
             "vllm.entrypoints.openai.chat_completion.serving:OpenAIServingChat.create_chat_completion",
             "vllm.entrypoints.openai.chat_completion.serving:OpenAIServingChat.chat_completion_stream_generator",
@@ -136,11 +140,11 @@ PATCHES: tuple[Patch, ...] = (
         ),
     ),
     Patch(
-        name="mm_completion_serving",
+        name="completion_serving_tensors",
         module="vllm.entrypoints.openai.completion.serving",
-        apply="vllm_omni.entrypoints.openai.mm_embedding:patch_completion_serving",
+        apply="vllm_omni.entrypoints.openai.tensor_fields:patch_completion_serving",
         target="...completion.serving:OpenAIServingCompletion (create, stream, response)",
-        reason="Return each choice's embedding as base64 .npy (final extra chunk when streaming).",
+        reason="The same for /v1/completions.",
         wraps=(
             "vllm.entrypoints.openai.completion.serving:OpenAIServingCompletion.create_completion",
             "vllm.entrypoints.openai.completion.serving:OpenAIServingCompletion.completion_stream_generator",

@@ -5,7 +5,8 @@ request in the server (chat template, tokenizer, multimodal processor of the fir
 build its ``SamplingParams`` and turn the engine's ``RequestOutput``s into responses and SSE chunks. The
 engine they ask is ``PipelineEngineClient``: it sends the rendered input through the pipeline and yields
 the last stage's outputs. So validation, streaming, logprobs, usage, tool and reasoning parsers and the
-mm_embedding fields (vllm-omni's patches of those classes) are what ``vllm serve`` gives without ``--omni``.
+per-choice tensors (mm_embedding, prompt hidden states: vllm-omni's patches of those classes, see
+``tensor_fields``) are what ``vllm serve`` gives without ``--omni``.
 """
 
 from __future__ import annotations
