@@ -1,13 +1,14 @@
-"""Edit an image (image-to-image) on an omni server with the official openai client.
+"""Edit an image (image-to-image, or inpainting with a mask) on an omni server with the openai client.
 
 Start a server first, e.g. on the tiny random SD3 (no download):
     python -m vllm_omni.testing.tiny_models --out tiny sd3
     vllm serve tiny/sd3 --omni --dit-steps 4 --dit-size 64x64
 then:
     python examples/online_serving/omni_image_edit_client.py --url http://localhost:8000 \
-        --image photo.png --size 64x64 --out edited.png [--stream --partial-images 2]
+        --image photo.png --size 64x64 --out edited.png [--stream --partial-images 2] [--mask mask.png]
 Without --image, a generated 64x64 gradient is the image to edit. With --stream, the server sends
 previews while the image denoises (image_edit.partial_image events), written as edited.partial<i>.png.
+With --mask (a PNG of the image's size, as OpenAI takes it) only its fully transparent pixels are edited.
 """
 
 import argparse
@@ -24,6 +25,7 @@ def main() -> None:
     parser.add_argument("--url", default="http://localhost:8000")
     parser.add_argument("--api-key", default="unused", help="the server's --api-key, if it has one")
     parser.add_argument("--image", help="the image to edit (png, jpeg, webp, ...)")
+    parser.add_argument("--mask", help="inpainting: a PNG whose fully transparent pixels mark where to edit")
     parser.add_argument("--prompt", default="the same scene at sunset")
     parser.add_argument("--strength", type=float, default=0.6, help="how much to change it, in (0, 1]")
     parser.add_argument("--size", default="auto", help="WIDTHxHEIGHT, or auto: the image's own size")
@@ -35,6 +37,8 @@ def main() -> None:
     image = Path(args.image) if args.image else ("gradient.png", _gradient(), "image/png")
     request = {"image": image, "prompt": args.prompt, "size": args.size,
                "extra_body": {"strength": args.strength, "seed": 7}}  # fmt: skip
+    if args.mask:
+        request["mask"] = Path(args.mask)
     if args.stream:
         edited, size = _streamed_edit(client, request, args)
     else:

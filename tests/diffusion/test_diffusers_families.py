@@ -9,10 +9,11 @@ import re
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoPipelineForImage2Image, DiffusionPipeline
+from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, DiffusionPipeline
 
 from tests.diffusion.conftest import run_all
 from tests.diffusion.test_dit_engine import init_image
+from tests.diffusion.test_inpainting import edit_mask
 from vllm_omni.config.dit import DiTConfig
 from vllm_omni.diffusion.models import select_executor
 from vllm_omni.diffusion.request import DiffusionSamplingParams as Params
@@ -20,7 +21,8 @@ from vllm_omni.testing.tiny_models import tiny_model_path
 from vllm_omni.v1.engine.diffusion_engine import create_diffusion_engine
 
 # Per family: the size it runs at, its guidance (on for the CFG families; FLUX: the embedded guidance) and
-# whether it has an image-to-image pipeline. PixArt bins sizes to 256-pixel tables: it runs at 256.
+# whether it has image-to-image and inpainting pipelines (these families have both or neither). PixArt bins
+# sizes to 256-pixel tables: it runs at 256.
 FAMILIES = {
     "sd2": dict(size=32, guidance=7.5, img2img=True),
     "pixart_sigma": dict(size=256, guidance=4.5, img2img=False),
@@ -86,6 +88,34 @@ def test_image_to_image_where_the_family_has_one(family):
     diff = np.abs(output.images[0] - expected).max()
     print(f"{name} image-to-image: max abs pixel diff {diff:.2e}")
     assert output.error is None and diff <= 1 / 255
+
+
+def test_inpainting_where_the_family_has_one(family):
+    """Masked requests with equal arguments run in one call of the family's inpainting pipeline, each equal
+    to that pipeline's call for it alone; an unmasked image-to-image request waits for a call of its own.
+    A family without one refuses the mask when the request is added, and its limits say so."""
+    name, _, pipe, engine = family
+    size = FAMILIES[name]["size"]
+    masked = [(f"m{seed}", {"prompt": "a red sunset", "image": init_image(size, seed), "mask_image":
+               edit_mask(size, (0, 4, size // 2, size))}, seed) for seed in (1, 2)]  # fmt: skip
+    if not FAMILIES[name]["img2img"]:
+        assert not engine.limits.inpainting
+        with pytest.raises(ValueError, match=f"mask_image: {type(pipe).__name__} does not inpaint"):
+            engine.add_request("m", masked[0][1], params(name, 1, strength=0.7))
+        return
+    assert engine.limits.inpainting
+    for request_id, prompt, seed in masked:
+        engine.add_request(request_id, prompt, params(name, seed, strength=0.7))
+    engine.add_request("i2i", {"prompt": "a cat", "image": init_image(size)}, params(name, 3, strength=0.7))
+    first_call = {o.request_id: o for o in engine.step()}
+    assert sorted(first_call) == ["m1", "m2"] and [o.request_id for o in engine.step()] == ["i2i"]
+    inpaint = AutoPipelineForInpainting.from_pipe(pipe)
+    inpaint.set_progress_bar_config(disable=True)
+    for request_id, prompt, seed in masked:
+        expected = reference(inpaint, name, prompt, seed, strength=0.7)
+        diff = np.abs(first_call[request_id].images[0] - expected).max()
+        print(f"{name} inpainting, request of seed {seed}: max abs pixel diff {diff:.2e}")
+        assert first_call[request_id].error is None and diff <= 1 / 255
 
 
 @pytest.mark.parametrize(

@@ -35,13 +35,13 @@ def executor(dit_path):
 
 
 def test_both_engines_publish_their_limits(dit_family, dit_engine, executor):
-    """Same folder and stage settings: the same sizes and queue bound; the executor takes no sampler and no
-    return_latents. The limits survive pickling (they travel to the pipeline manager)."""
+    """Same folder and stage settings: the same sizes, queue bound and inpainting; the executor takes no
+    sampler and no return_latents. The limits survive pickling (they travel to the pipeline manager)."""
     native, black_box, family = dit_engine.limits, executor.limits, dit_engine.runner.family
     assert isinstance(native, DiTLimits) and isinstance(black_box, DiTLimits)
     shared = dict(name=dit_family, size_factor=family.size_factor, max_height=2048, max_width=2048,
                   height=None, width=None, max_batch_size=4, max_waiting_requests=8,
-                  model_max_size=family.max_size)  # fmt: skip
+                  model_max_size=family.max_size, inpainting=True)  # fmt: skip
     assert native == DiTLimits(**shared, samplers=family.samplers, step_level=True)
     assert black_box == DiTLimits(**shared, samplers=(), step_level=False)
     assert native.max_num_requests == black_box.max_num_requests == 12

@@ -1,5 +1,6 @@
 """`POST /v1/images/edits` on `vllm serve MODEL --omni` with the tiny SD3: the official openai client against
-the DiT engine run directly, streamed edits, the size taken from the image, the example client, bad input."""
+the DiT engine run directly, streamed edits, inpainting (OpenAI's alpha masks), the size taken from the
+image, the example client, bad input."""
 
 from __future__ import annotations
 
@@ -26,10 +27,23 @@ from vllm_omni.v1.engine.diffusion_engine import DiffusionEngine
 INIT = random_image(0)
 
 
+def alpha_mask(size: tuple[int, int] = (32, 32), box: tuple[int, ...] = (8, 4, 30, 21)) -> Image.Image:
+    """OpenAI's kind of mask: an RGBA image, fully transparent (alpha 0) inside ``box``, where to edit."""
+    mask = Image.new("RGBA", size, (10, 20, 30, 255))
+    mask.paste((0, 0, 0, 0), box)
+    return mask
+
+
 @pytest.fixture(scope="module")
 def url():
     with running_server(tiny_model_path("sd3"), "--omni", "--dit-steps", "2", "--dit-size", "32x32") as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """The server's dit stage run directly."""
+    return DiffusionEngine(tiny_model_path("sd3"), DiTConfig(num_inference_steps=2, height=32, width=32))
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +61,11 @@ def decode(b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
-def test_edit_equals_the_dit_engine_with_the_same_image_seed_and_strength(client):
+def test_edit_equals_the_dit_engine_with_the_same_image_seed_and_strength(client, engine):
     extra = {"seed": 3, "strength": 0.5}
     response = client.images.edit(image=("init.png", png(INIT), "image/png"), prompt="a red sunset", n=2,
                                   extra_body=extra)  # fmt: skip
     assert len(response.data) == 2 and response.size == "32x32"
-    engine = DiffusionEngine(tiny_model_path("sd3"), DiTConfig(num_inference_steps=2, height=32, width=32))
     for i in range(2):
         prompt = {"prompt": "a red sunset", "image": INIT}
         engine.add_request(str(i), prompt, DiffusionSamplingParams(seed=3 + i, strength=0.5))
@@ -66,6 +79,27 @@ def test_edit_equals_the_dit_engine_with_the_same_image_seed_and_strength(client
         assert image.shape == (32, 32, 3)
         assert np.abs(image - np.asarray(expected[str(i)].images[0], dtype=int)).max() <= 1
     assert np.abs(images[0] - np.asarray(expected["text"].images[0], dtype=int)).max() > 1  # the image counts
+
+
+def test_a_masked_edit_equals_the_dit_engine_with_the_mask_in_diffusers_convention(client, engine):
+    """The transparent area of OpenAI's mask is repainted: the stage gets it white (diffusers' convention),
+    the rest black; partial transparency keeps, as only alpha 0 marks an edit."""
+    mask = alpha_mask()
+    mask.paste((0, 0, 0, 128), (0, 0, 4, 4))
+    image, mask = ("init.png", png(INIT), "image/png"), ("mask.png", png(mask), "image/png")
+    response = client.images.edit(image=image, mask=mask, prompt="a red sunset", extra_body={"seed": 3})
+    white = Image.new("L", (32, 32))
+    white.paste(255, (8, 4, 30, 21))
+    masked, unmasked = ({"prompt": "a red sunset", "image": INIT, "mask_image": white},
+                        {"prompt": "a red sunset", "image": INIT})  # fmt: skip
+    engine.add_request("masked", masked, DiffusionSamplingParams(seed=3))
+    engine.add_request("unmasked", unmasked, DiffusionSamplingParams(seed=3))
+    expected = {}
+    while engine.has_unfinished_requests():
+        expected.update({o.request_id: o for o in engine.step()})
+    image = np.asarray(decode(response.data[0].b64_json), dtype=int)
+    assert np.abs(image - np.asarray(expected["masked"].images[0], dtype=int)).max() <= 1
+    assert np.abs(image - np.asarray(expected["unmasked"].images[0], dtype=int)).max() > 1  # the mask counts
 
 
 def test_a_streamed_edit_sends_previews_then_the_image_of_the_same_edit_unstreamed(client):
@@ -101,25 +135,36 @@ def test_the_openai_clients_image_list_of_one_is_taken_of_two_refused(client):
     assert refused.value.body["param"] == "image" and "edits one image" in refused.value.body["message"]
 
 
-@pytest.mark.parametrize("stream", [[], ["--stream"]])
-def test_the_image_edit_client_example(url, tmp_path, stream):
+@pytest.mark.parametrize("option", [None, "--stream", "--mask"])
+def test_the_image_edit_client_example(url, tmp_path, option):
     example = Path(__file__).parents[2] / "examples" / "online_serving" / "omni_image_edit_client.py"
-    init, out = tmp_path / "init.png", tmp_path / "edited.png"
+    init, mask, out = tmp_path / "init.png", tmp_path / "mask.png", tmp_path / "edited.png"
     INIT.save(init)
-    command = [sys.executable, str(example), "--url", url, "--image", str(init), "--out", str(out), *stream]
+    alpha_mask().save(mask)
+    options = {None: [], "--stream": ["--stream"], "--mask": ["--mask", str(mask)]}[option]
+    command = [sys.executable, str(example), "--url", url, "--image", str(init), "--out", str(out), *options]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert Image.open(out).size == (32, 32) and "(32x32)" in result.stdout
     previews = [path.name for path in tmp_path.glob("edited.partial*.png")]
-    assert previews == (["edited.partial0.png"] if stream else [])
+    assert previews == (["edited.partial0.png"] if option == "--stream" else [])
 
 
 def _image(data: bytes = b"", name: str = "image"):
     return [(name, ("init.png", data or png(INIT), "image/png"))]
 
 
+def _mask(data: bytes, name: str = "mask"):
+    return [(name, ("mask.png", data, "image/png"))]
+
+
 BAD_REQUESTS = [
-    (_image() + [("mask", ("mask.png", png(INIT), "image/png"))], {"prompt": "x"}, "mask"),
+    (_image() + _mask(png(INIT)), {"prompt": "x"}, "mask"),  # no alpha channel: nothing marks the edit
+    (_image() + _mask(b"not an image"), {"prompt": "x"}, "mask"),
+    (_image() + _mask(png(alpha_mask((16, 16), (0, 0, 8, 8)))), {"prompt": "x"}, "mask"),  # other size
+    (_image() + _mask(png(alpha_mask())) * 2, {"prompt": "x"}, "mask"),
+    ([], {"prompt": "x", "mask": "not a file"}, "image"),  # the image is checked first
+    (_image() + [("mask", (None, "not a file"))], {"prompt": "x"}, "mask"),
     (_image(b"just some text, not an image"), {"prompt": "x"}, "image"),
     (_image(png(INIT)[:100]), {"prompt": "x"}, "image"),  # a truncated PNG
     ([], {"prompt": "x"}, "image"),
@@ -180,6 +225,19 @@ def test_the_image_goes_to_a_first_dit_stage_only():
         _check_pipeline([ar, dit])
     assert refused.value.param == "image"
     _check_pipeline([create_dit_stage_config(0, "sd3")])
+
+
+def test_a_mask_on_a_pipeline_without_inpainting_is_400_naming_it():
+    """PixArt (diffusers executor): diffusers has no inpainting pipeline for it; /info says so."""
+    with running_server(tiny_model_path("pixart_sigma"), "--omni", "--dit-steps", "2") as url:
+        assert requests.get(f"{url}/info", timeout=30).json()["stages"][0]["limits"]["inpainting"] is False
+        form = _image() + _mask(png(alpha_mask())) + [("prompt", (None, "x"))]
+        response = requests.post(f"{url}/v1/images/edits", files=form, timeout=60)
+    _assert_refused(response, "mask")
+    assert response.json()["error"]["message"] == (
+        "stage 0 (dit) (PixArtSigmaPipeline) does not inpaint: diffusers has no inpainting pipeline for it; "
+        "send no mask"
+    )
 
 
 def test_a_dit_stage_refusing_the_image_is_named():

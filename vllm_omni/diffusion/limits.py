@@ -42,6 +42,9 @@ class DiTLimits:
     """Most requests queued behind a full batch (``DiTConfig.max_waiting_requests``)."""
     model_max_size: int | None = None
     """Largest height and width the model itself takes (e.g. SD3's position embedding); None: no limit."""
+    inpainting: bool = False
+    """Whether a request may bring a ``mask_image`` with its init image (the native families; a diffusers
+    pipeline with an inpainting pipeline of its family)."""
 
     @classmethod
     def from_config(
@@ -52,13 +55,14 @@ class DiTLimits:
         samplers: tuple[str, ...],
         step_level: bool,
         model_max_size: int | None = None,
+        inpainting: bool = False,
     ) -> DiTLimits:
         """The limits of a stage configured by ``config`` whose model sets the other fields."""
         return cls(
             name=name, size_factor=size_factor, max_height=config.max_height, max_width=config.max_width,
             height=config.height, width=config.width, samplers=tuple(samplers), step_level=step_level,
             max_batch_size=config.max_batch_size, max_waiting_requests=config.max_waiting_requests,
-            model_max_size=model_max_size,
+            model_max_size=model_max_size, inpainting=inpainting,
         )  # fmt: skip
 
     @property
@@ -89,12 +93,19 @@ class DiTLimits:
         has_image: bool,
         height: int | None = None,
         width: int | None = None,
+        has_mask: bool = False,
     ) -> None:
         """The checks of a request whose prompt is known: ``check_params``, ``strength`` only with an init
-        image, and the size it will run at when the engine resolves it (e.g. the init image's)."""
+        image, a mask only where the stage inpaints, and the size it will run at when the engine resolves it
+        (e.g. the init image's)."""
         self.check_params(params)
         if params.strength is not None and not has_image:
             raise ValueError("strength is for image-to-image: pass the init image as prompt['image']")
+        if has_mask and not self.inpainting:
+            raise ValueError(
+                f"mask_image: {self.name} does not inpaint (diffusers has no inpainting pipeline for it); "
+                "send no mask"
+            )
         self.check_size(height, width)
 
     def check_size(self, height: int | None, width: int | None) -> None:

@@ -12,7 +12,7 @@ from vllm_omni.diffusion.prompt_embeds import EMBEDS_KEYS, SIDES
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 MAX_PARTIAL_IMAGES = 3
-PROMPT_KEYS = ("prompt", "negative_prompt", "image", *EMBEDS_KEYS)
+PROMPT_KEYS = ("prompt", "negative_prompt", "image", "mask_image", *EMBEDS_KEYS)
 
 
 @dataclass
@@ -20,7 +20,8 @@ class DiffusionSamplingParams:
     """Per-request parameters of a DiT stage; ``None``: the stage's default (``DiTConfig``, then the model's).
 
     A request is image-to-image when its prompt carries an ``image``; ``strength`` (0, 1] then sets how much
-    of the schedule runs (1 = all of it, the init image only seeds the noise).
+    of the schedule runs (1 = all of it, the init image only seeds the noise). With a ``mask_image`` too it
+    is inpainting: only the mask's white areas are repainted.
     """
 
     height: int | None = None
@@ -97,6 +98,9 @@ class DiffusionRequest:
     return_latents: bool
     partial_images: int = 0
     """Previews to report while denoising (see ``DiffusionSamplingParams.partial_images``)."""
+    mask_image: Any = None
+    """Inpainting mask of the init image (diffusers' convention: white, >= 0.5, is repainted, black kept; the
+    image's size), else None."""
     prompt_embeds: Any = None
     """The prompt's conditioning given as tensors, in the family's ``encode`` form for one text (checked, on
     the model's device and dtype); used instead of encoding ``prompt``."""
@@ -107,10 +111,11 @@ class DiffusionRequest:
     arrival_time: float = field(default_factory=time.monotonic)
 
     def nbytes(self) -> int:
-        """Bytes of the data this request holds: its conditioning tensors and its init image."""
+        """Bytes of the data this request holds: its conditioning tensors, its init image and mask."""
         from vllm_omni.diffusion.cache_manager import value_nbytes  # torch: only where requests hold tensors
 
-        return value_nbytes([self.prompt_embeds, self.negative_prompt_embeds]) + _image_nbytes(self.image)
+        images = _image_nbytes(self.image) + _image_nbytes(self.mask_image)
+        return value_nbytes([self.prompt_embeds, self.negative_prompt_embeds]) + images
 
 
 @dataclass
@@ -138,7 +143,8 @@ class DiffusionOutput:
 
 def parse_prompt(prompt: Any) -> dict[str, Any]:
     """Normalise a prompt: a string, or a dict with ``prompt`` and/or ``prompt_embeds``, ``negative_prompt``
-    or ``negative_prompt_embeds``, ``image`` (and SD3's ``pooled_prompt_embeds``, ``negative_pooled_...``).
+    or ``negative_prompt_embeds``, ``image`` and its inpainting ``mask_image`` (and SD3's
+    ``pooled_prompt_embeds``, ``negative_pooled_...``).
 
     As in diffusers' pipelines, a text and its tensors are exclusive (``prompt`` or ``prompt_embeds``, not
     both); the tensors themselves are checked by the model family.
@@ -161,6 +167,8 @@ def parse_prompt(prompt: Any) -> dict[str, Any]:
             raise ValueError(f"{pooled} is only taken together with {embeds}")
     if prompt.get("prompt") is None and prompt.get("prompt_embeds") is None:
         raise ValueError("prompt (a string) or prompt_embeds (tensors) is required")
+    if prompt.get("mask_image") is not None and prompt.get("image") is None:
+        raise ValueError("mask_image masks the init image: pass the image as prompt['image'] too")
     return {key: prompt.get(key) for key in PROMPT_KEYS}
 
 

@@ -4,7 +4,8 @@ A family wraps a diffusers pipeline loaded from a ``model_index.json`` folder an
 helpers (text encoders via ``encode_prompt``, ``prepare_latents``, the VAE and image processor), but the
 runner owns the denoising loop: each request keeps its own sampler (a fresh diffusers scheduler), its own
 generator and latents, so requests at different steps, with different step counts, guidance scales and
-seeds share one transformer forward pass.
+seeds share one transformer forward pass. Inpainting is per request too: after each of its steps a masked
+request puts its init image back where the mask keeps it (``Inpainting``), whatever its batch holds.
 """
 
 from __future__ import annotations
@@ -16,12 +17,37 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_img2img import retrieve_latents
 from diffusers.utils.torch_utils import randn_tensor
 
 from vllm_omni.diffusion.cache_manager import value_nbytes
 from vllm_omni.diffusion.prompt_embeds import EMBEDS_KEYS, SIDES, Shape, checked_embeds
 from vllm_omni.diffusion.request import DiffusionRequest
+
+
+@dataclass
+class Inpainting:
+    """An inpainting request's blend: the rule of diffusers' inpaint pipelines for a transformer that takes
+    plain latents (SD3's 16 channels, Z-Image), done per request after each of its sampler steps."""
+
+    mask: torch.Tensor
+    """``(1, 1, h, w)`` at latent size: 1 where the request repaints, 0 where it keeps the init image."""
+    image_latents: torch.Tensor
+    """The init image's clean latents."""
+    noise: torch.Tensor
+    """The noise the initial latents were made with (the kept area is noised with it again)."""
+
+    def blend(self, latents: torch.Tensor, sampler: Any, next_timestep: torch.Tensor) -> torch.Tensor:
+        """``latents`` where the mask repaints; elsewhere the init image noised to ``next_timestep`` (one
+        element; empty after the last step: the clean image) by the request's ``sampler``."""
+        kept = self.image_latents
+        if len(next_timestep):
+            kept = sampler.scale_noise(kept, next_timestep, self.noise)
+        return self.mask * latents + (1 - self.mask) * kept
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.mask, self.image_latents, self.noise]
 
 
 @dataclass
@@ -43,6 +69,8 @@ class DenoiseState:
     """When the request joined the running batch."""
     step_cache: dict[str, Any] = field(default_factory=dict)
     """Per-request memory of the step cache (residuals of the last computed step)."""
+    inpainting: Inpainting | None = None
+    """What an inpainting request blends back in after each step; None for the others."""
 
     @property
     def finished(self) -> bool:
@@ -54,7 +82,9 @@ class DenoiseState:
 
     def nbytes(self) -> int:
         """Bytes of the tensors this state holds."""
-        return value_nbytes([self.latents, self.timesteps, self.cond, self.uncond, self.step_cache])
+        inpainting = None if self.inpainting is None else self.inpainting.tensors()
+        tensors = [self.latents, self.timesteps, self.cond, self.uncond, self.step_cache, inpainting]
+        return value_nbytes(tensors)
 
 
 def denoise_rows(states: list[DenoiseState]) -> list[tuple[DenoiseState, Any, dict[str, Any]]]:
@@ -176,7 +206,8 @@ class DiTFamily:
         return self.transformer.config.in_channels
 
     def prepare(self, request: DiffusionRequest, cond: Any, uncond: Any) -> DenoiseState:
-        """Sampler, schedule and initial latents of ``request`` (image-to-image: noised init image)."""
+        """Sampler, schedule and initial latents of ``request`` (image-to-image: noised init image;
+        inpainting: also its blend)."""
         generator = torch.Generator("cpu").manual_seed(request.seed)
         sampler = self.make_sampler(request.sampler)
         timesteps = self.set_timesteps(sampler, request)
@@ -186,10 +217,16 @@ class DiTFamily:
                 1, self.num_latent_channels(), request.height, request.width,
                 self.latent_dtype(), self.device, generator,
             )  # fmt: skip
-        else:
-            timesteps = self._trim_for_strength(sampler, timesteps, request)
-            latents = self._noised_image_latents(sampler, timesteps[:1], request, generator)
-        return DenoiseState(request, generator, sampler, timesteps, latents, cond, uncond)
+            return DenoiseState(request, generator, sampler, timesteps, latents, cond, uncond)
+        timesteps = self._trim_for_strength(sampler, timesteps, request)
+        image_latents = self._image_latents(request, generator)
+        device, dtype = torch.device(self.device), image_latents.dtype
+        noise = randn_tensor(image_latents.shape, generator=generator, device=device, dtype=dtype)
+        latents = sampler.scale_noise(image_latents, timesteps[:1], noise).to(self.latent_dtype())
+        state = DenoiseState(request, generator, sampler, timesteps, latents, cond, uncond)
+        if request.mask_image is not None:
+            state.inpainting = Inpainting(self._latent_mask(request, latents), image_latents, noise)
+        return state
 
     def image_to_image_steps(self, request: DiffusionRequest) -> int:
         """Steps an image-to-image request runs: ``strength`` of its schedule (diffusers' rule)."""
@@ -201,16 +238,30 @@ class DiTFamily:
         sampler.set_begin_index(start)
         return timesteps[start:]
 
-    def _noised_image_latents(self, sampler, timestep, request: DiffusionRequest, generator):
+    def _image_latents(self, request: DiffusionRequest, generator: torch.Generator) -> torch.Tensor:
+        """The init image's latents (the VAE samples with the request's generator)."""
         processor = self.pipe.image_processor
         image = processor.preprocess(request.image, height=request.height, width=request.width)
         image = image.to(device=self.device, dtype=self.latent_dtype())
         vae = self.pipe.vae
         init = retrieve_latents(vae.encode(image), generator=generator)
-        init = (init - vae.config.shift_factor) * vae.config.scaling_factor
-        device = torch.device(self.device)
-        noise = randn_tensor(init.shape, generator=generator, device=device, dtype=init.dtype)
-        return sampler.scale_noise(init, timestep, noise).to(self.latent_dtype())
+        return (init - vae.config.shift_factor) * vae.config.scaling_factor
+
+    @functools.cached_property
+    def mask_processor(self) -> VaeImageProcessor:
+        """Masks read as diffusers' inpaint pipelines read them: grayscale, resized to the request's size,
+        binarized (>= 0.5: repaint), not normalized."""
+        config = self.pipe.image_processor.config
+        return VaeImageProcessor(
+            vae_scale_factor=config.vae_scale_factor, vae_latent_channels=config.vae_latent_channels,
+            do_normalize=False, do_binarize=True, do_convert_grayscale=True,
+        )  # fmt: skip
+
+    def _latent_mask(self, request: DiffusionRequest, latents: torch.Tensor) -> torch.Tensor:
+        """The request's mask at latent size (nearest neighbour, as diffusers downsamples it)."""
+        mask = self.mask_processor.preprocess(request.mask_image, height=request.height, width=request.width)
+        mask = torch.nn.functional.interpolate(mask, size=tuple(latents.shape[-2:]))
+        return mask.to(device=self.device, dtype=self.latent_dtype())
 
     # ---- the batched step --------------------------------------------------------------------------
     def predict(self, states: list[DenoiseState]) -> list[torch.Tensor]:
@@ -225,6 +276,9 @@ class DiTFamily:
             model_output, state.timestep, state.latents, return_dict=False, **kwargs
         )[0]
         state.step_index += 1
+        if state.inpainting is not None:
+            next_timestep = state.timesteps[state.step_index : state.step_index + 1]
+            state.latents = state.inpainting.blend(state.latents, state.sampler, next_timestep)
 
     def decode(self, latents: torch.Tensor, output_type: str) -> Any:
         """Images of a batch of final latents of one shape."""

@@ -1,10 +1,12 @@
-"""OpenAI Images edit API (``POST /v1/images/edits``): image-to-image through a pipeline whose first stage is
-its ``dit`` stage.
+"""OpenAI Images edit API (``POST /v1/images/edits``): image-to-image and inpainting through a pipeline whose
+first stage is its ``dit`` stage.
 
 The multipart form becomes the generations request model plus ``strength`` (the same checks: an unknown
-field, a bad type or value is a 400 naming it) and one init image, decoded here. ``size`` ``auto`` is the
-image's own size, rounded down to what the DiT stages take (as diffusers' image-to-image pipelines round
-it). The pipeline request is the generations one with the image in the prompt (``prompt["image"]``) and
+field, a bad type or value is a 400 naming it), one init image and an optional mask, decoded here.
+``size`` ``auto`` is the image's own size, rounded down to what the DiT stages take (as diffusers'
+image-to-image pipelines round it). The mask follows OpenAI's rule, its fully transparent pixels (alpha 0)
+mark where to edit; it becomes the stage's ``mask_image`` in diffusers' convention (white: repaint, black:
+keep). The pipeline request is the generations one with the image (and mask) in the prompt and
 ``strength`` in the first stage's params; a stage refuses what it cannot do when the request is added.
 """
 
@@ -14,6 +16,7 @@ import asyncio
 import io
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,6 +34,8 @@ MAX_IMAGE_BYTES = 50 * 2**20
 IMAGE_FIELDS = ("image", "image[]")
 """Form names of the init image: one file (``image``), or a list as the openai client sends it."""
 MASK_FIELDS = ("mask", "mask[]")
+"""Form names of the inpainting mask."""
+FILE_FIELDS = IMAGE_FIELDS + MASK_FIELDS
 _IMAGE_REFUSED = re.compile(r"stage \d+ \(dit\): (ValueError: )?image: ")
 
 
@@ -46,20 +51,24 @@ class ImageEditRequest(ImageGenerationRequest):
 
 @dataclass
 class ImageEdit:
-    """A checked edit request: its fields (``size`` resolved) and its init image (RGB)."""
+    """A checked edit request: its fields (``size`` resolved), its init image (RGB) and its mask (``L``,
+    diffusers' convention: 255 where to edit, 0 where to keep; None: edit the whole image)."""
 
     body: ImageEditRequest
     image: Image.Image
+    mask: Image.Image | None = None
 
     def pipeline_request(
         self, prompt: dict[str, Any], params: list[list[Any]]
     ) -> tuple[dict[str, Any], list[list[Any]]]:
         """The generations request of ``body`` (``prompt``, each image's stage ``params``) made
-        image-to-image: the init image in the prompt, ``strength`` in the first (dit) stage's params."""
+        image-to-image: the init image (and ``mask_image``) in the prompt, ``strength`` in the first (dit)
+        stage's params."""
         if self.body.strength is not None:
             for image_params in params:
                 image_params[0]["strength"] = self.body.strength
-        return {**prompt, "image": self.image}, params
+        mask = {} if self.mask is None else {"mask_image": self.mask}
+        return {**prompt, "image": self.image, **mask}, params
 
 
 async def read_image_edit(request: Request, stages: list[OmniStageConfig], limits: list[Any]) -> ImageEdit:
@@ -82,28 +91,36 @@ def refuses_image(message: str) -> bool:
 
 
 async def _edit_of(form: FormData, stages: list[OmniStageConfig], limits: list[Any]) -> ImageEdit:
-    if any(name in form for name in MASK_FIELDS):
-        raise ImageRequestError("mask", "this model does not support inpainting (masks): send no mask")
-    files = [value for name in IMAGE_FIELDS for value in form.getlist(name)]
-    if not files:
-        raise ImageRequestError("image", "image is required: the image to edit, as a file")
-    if len(files) > 1:
-        raise ImageRequestError("image", f"got {len(files)} images; this model edits one image")
-    if not isinstance(files[0], UploadFile):
-        raise ImageRequestError("image", "image must be a file (curl: -F image=@photo.png)")
+    image_file = _file_of(form, IMAGE_FIELDS, "image", required=True)
+    mask_file = _file_of(form, MASK_FIELDS, "mask", required=False)
     body = _request_model(form)
     _check_pipeline(stages)
-    image = await _decode(files[0])
+    if mask_file is not None:
+        _check_inpainting(stages, limits)
+    image = await _decode(image_file, "image", _open_image)
+    mask = None if mask_file is None else _edit_area(await _decode(mask_file, "mask", _open_mask), image)
     if body.size == "auto":
         body = body.model_copy(update={"size": _auto_size(image, stages, limits)})
-    return ImageEdit(body, image)
+    return ImageEdit(body, image, mask)
+
+
+def _file_of(form: FormData, names: tuple[str, ...], param: str, required: bool) -> UploadFile | None:
+    """The one file the form gives under ``names`` (None when it gives none and ``required`` is false)."""
+    files = [value for name in names for value in form.getlist(name)]
+    if not files and required:
+        raise ImageRequestError(param, f"{param} is required: the image to edit, as a file")
+    if len(files) > 1:
+        raise ImageRequestError(param, f"got {len(files)} {param}s; this model edits one image with one mask")
+    if files and not isinstance(files[0], UploadFile):
+        raise ImageRequestError(param, f"{param} must be a file (curl: -F {param}=@{param}.png)")
+    return files[0] if files else None
 
 
 def _request_model(form: FormData) -> ImageEditRequest:
     """The form's fields (all but the files) as the request model, validated as generations' JSON is."""
     fields = {}
     for name in dict.fromkeys(form.keys()):
-        if name in IMAGE_FIELDS:
+        if name in FILE_FIELDS:
             continue
         values = form.getlist(name)
         if len(values) > 1:
@@ -131,20 +148,56 @@ def _check_pipeline(stages: list[OmniStageConfig]) -> None:
         )
 
 
-async def _decode(upload: UploadFile) -> Image.Image:
+def _check_inpainting(stages: list[OmniStageConfig], limits: list[Any]) -> None:
+    """A mask goes to the first stage, the dit stage (``_check_pipeline``): it must inpaint."""
+    if stages[0].engine_type == "dit" and not limits[0].inpainting:
+        raise ImageRequestError(
+            "mask",
+            f"{stages[0].label} ({limits[0].name}) does not inpaint: diffusers has no inpainting pipeline "
+            "for it; send no mask",
+        )
+
+
+async def _decode(upload: UploadFile, param: str, open_image: Callable[[bytes], Image.Image]) -> Image.Image:
     data = await upload.read(MAX_IMAGE_BYTES + 1)
     if len(data) > MAX_IMAGE_BYTES:
-        raise ImageRequestError("image", f"image is over {MAX_IMAGE_BYTES // 2**20} MiB")
+        raise ImageRequestError(param, f"{param} is over {MAX_IMAGE_BYTES // 2**20} MiB")
     try:
-        return await asyncio.to_thread(_open_image, data)
+        return await asyncio.to_thread(open_image, data)
+    except ImageRequestError:
+        raise
     except Exception as error:  # whatever PIL raises on bytes that are no image it can read
         name = upload.filename or "the upload"
-        raise ImageRequestError("image", f"image: {name} is not an image file ({error})") from None
+        raise ImageRequestError(param, f"{param}: {name} is not an image file ({error})") from None
 
 
 def _open_image(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data)) as image:
         return image.convert("RGB")  # decodes it all: a truncated file fails here, not in the stage
+
+
+def _open_mask(data: bytes) -> Image.Image:
+    """The mask's alpha channel (``L``), decoded in full."""
+    with Image.open(io.BytesIO(data)) as image:
+        if not image.has_transparency_data:
+            raise ImageRequestError(
+                "mask",
+                "mask has no alpha channel: send a PNG whose fully transparent pixels (alpha 0) mark where "
+                "to edit, as OpenAI's edits API takes it",
+            )
+        return image.convert("RGBA").getchannel("A")
+
+
+def _edit_area(alpha: Image.Image, image: Image.Image) -> Image.Image:
+    """OpenAI's mask (alpha 0: edit) in diffusers' convention (white: repaint, black: keep), checked to
+    cover the image exactly."""
+    if alpha.size != image.size:
+        raise ImageRequestError(
+            "mask",
+            f"mask is {alpha.width}x{alpha.height}, the image {image.width}x{image.height}: the mask must "
+            "have the image's size",
+        )
+    return alpha.point(lambda value: 255 if value == 0 else 0)
 
 
 def _auto_size(image: Image.Image, stages: list[OmniStageConfig], limits: list[Any]) -> str:

@@ -2,9 +2,11 @@
 
 Requests whose call arguments match (size, steps, guidance, strength, output type) run in one call with
 lists of prompts, negative prompts and per-request generators, so each image is the one the pipeline makes
-for that request alone. Batching is per request, not per step: a request joins only when a call starts,
-and an abort takes effect between calls. Conditioning given as tensors (``prompt_embeds``) is checked by the
-pipeline's native family and passed as the pipeline's own ``prompt_embeds`` arguments.
+for that request alone. Init images go to the family's image-to-image pipeline, init images with a mask to
+its inpainting pipeline (``AutoPipelineForImage2Image`` / ``AutoPipelineForInpainting.from_pipe``).
+Batching is per request, not per step: a request joins only when a call starts, and an abort takes effect
+between calls. Conditioning given as tensors (``prompt_embeds``) is checked by the pipeline's native family
+and passed as the pipeline's own ``prompt_embeds`` arguments.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 
 from vllm_omni.config.dit import DiTConfig
+from vllm_omni.diffusion.images import check_mask
 from vllm_omni.diffusion.limits import DiTLimits
 from vllm_omni.diffusion.models import FAMILIES, DiTFamily
 from vllm_omni.diffusion.prompt_embeds import EMBEDS_KEYS, SIDES
@@ -28,6 +31,10 @@ from vllm_omni.diffusion.request import (
     parse_prompt,
 )
 from vllm_omni.transformers_utils.model_resolution import diffusers_folder
+
+_TASKS = {"image": ("AutoPipelineForImage2Image", "image-to-image"),
+          "mask_image": ("AutoPipelineForInpainting", "inpainting")}  # fmt: skip
+"""A request's extra argument -> the diffusers auto pipeline that adds it to ``pipe``'s family, the task."""
 
 
 class _CallKey(NamedTuple):
@@ -40,13 +47,15 @@ class _CallKey(NamedTuple):
     strength: float | None
     output_type: str
     has_image: bool
+    has_mask: bool
     has_embeds: bool
 
 
 def _call_key(request: DiffusionRequest) -> _CallKey:
     return _CallKey(
         request.height, request.width, request.num_inference_steps, request.guidance_scale,
-        request.strength, request.output_type, request.image is not None, request.prompt_embeds is not None,
+        request.strength, request.output_type, request.image is not None, request.mask_image is not None,
+        request.prompt_embeds is not None,
     )  # fmt: skip
 
 
@@ -68,10 +77,12 @@ class DiffusersPipelineExecutor:
         self.pipe.set_progress_bar_config(disable=True)
         if config.attention_backend == "xformers":
             self.pipe.enable_xformers_memory_efficient_attention()
-        self._image_pipe = None
+        self._task_pipes: dict[str, Any] = {}
+        """The image-to-image and inpainting pipelines, made from ``pipe`` when first needed, by the
+        argument they add (``image``, ``mask_image``)."""
         self.family = _native_family(self.pipe, config)
         """The pipeline's native family (checks and shapes prompt embeddings), None for other pipelines."""
-        self.limits = _limits(self.pipe, self.family, config)
+        self.limits = _limits(self.pipe, self.family, config, self._inpaints())
         """What this stage accepts (``DiTLimits``: picklable, checkable without the model)."""
         self.waiting: deque[DiffusionRequest] = deque()
         self._aborted: list[DiffusionOutput] = []
@@ -81,10 +92,13 @@ class DiffusersPipelineExecutor:
     ) -> None:
         """Validate (``limits``, then the pipeline's call signature) and queue."""
         params, parsed = params or DiffusionSamplingParams(), parse_prompt(prompt)
-        self.limits.check_request(params, has_image=parsed["image"] is not None)
+        image, mask = parsed["image"], parsed["mask_image"]
+        self.limits.check_request(params, has_image=image is not None, has_mask=mask is not None)
         self.limits.check_room(len(self.waiting))
-        if parsed["image"] is not None:
-            self._pipeline_for(image=True)
+        if mask is not None:
+            check_mask(mask, image)
+        if image is not None:
+            self._pipeline_for(image=True, mask=mask is not None)
         cond, uncond = self._given_conditioning(parsed)
         config = self.config
         self.waiting.append(
@@ -92,7 +106,8 @@ class DiffusersPipelineExecutor:
                 request_id=request_id,
                 prompt=parsed["prompt"],
                 negative_prompt=parsed["negative_prompt"],
-                image=parsed["image"],
+                image=image,
+                mask_image=mask,
                 prompt_embeds=cond,
                 negative_prompt_embeds=uncond,
                 height=params.height or config.height,
@@ -119,7 +134,7 @@ class DiffusersPipelineExecutor:
                 f"{given[0]}: the diffusers executor takes tensors only for the pipelines of the native "
                 f"families ({sorted(FAMILIES)}), whose shapes are known; {name} is not one"
             )
-        pipe = self._pipeline_for(image=parsed["image"] is not None)
+        pipe = self._pipeline_for(image=parsed["image"] is not None, mask=parsed["mask_image"] is not None)
         accepted = inspect.signature(pipe.__call__).parameters
         for key in (side + key for side in SIDES for key in self.family.embeds_keys):
             if key not in accepted:
@@ -150,7 +165,7 @@ class DiffusersPipelineExecutor:
     @torch.inference_mode()
     def _call(self, batch: list[DiffusionRequest]) -> list[DiffusionOutput]:
         first = batch[0]
-        pipe = self._pipeline_for(image=first.image is not None)
+        pipe = self._pipeline_for(image=first.image is not None, mask=first.mask_image is not None)
         kwargs = {k: v for k, v in _call_key(first)._asdict().items() if v is not None and k[:4] != "has_"}
         if first.prompt_embeds is not None:
             kwargs |= self._embeds_arguments(batch, first.guidance_scale)
@@ -160,6 +175,8 @@ class DiffusersPipelineExecutor:
                 kwargs["negative_prompt"] = [r.negative_prompt or "" for r in batch]
         if first.image is not None:
             kwargs["image"] = [r.image for r in batch]
+        if first.mask_image is not None:
+            kwargs["mask_image"] = [r.mask_image for r in batch]
         kwargs["generator"] = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
         images = pipe(**kwargs).images
         now = time.monotonic()
@@ -195,18 +212,34 @@ class DiffusersPipelineExecutor:
             for key, column in zip(self.family.embeds_keys, columns, strict=True)
         }
 
-    def _pipeline_for(self, image: bool) -> Any:
-        if not image or "image" in inspect.signature(self.pipe.__call__).parameters:
+    def _pipeline_for(self, image: bool, mask: bool = False) -> Any:
+        """The pipeline a request runs on: ``pipe`` when its ``__call__`` takes the request's init image (and
+        mask), else the family's image-to-image (inpainting) pipeline; ``ValueError`` when it has none."""
+        argument = "mask_image" if mask else "image" if image else None
+        if argument is None or argument in inspect.signature(self.pipe.__call__).parameters:
             return self.pipe
-        if self._image_pipe is None:
-            from diffusers import AutoPipelineForImage2Image
+        if argument not in self._task_pipes:
+            self._task_pipes[argument] = self._from_pipe(argument)
+        return self._task_pipes[argument]
 
-            try:
-                self._image_pipe = AutoPipelineForImage2Image.from_pipe(self.pipe)
-            except ValueError as exc:
-                raise ValueError(f"image: {type(self.pipe).__name__} has no image-to-image pipeline") from exc
-            self._image_pipe.set_progress_bar_config(disable=True)
-        return self._image_pipe
+    def _from_pipe(self, argument: str) -> Any:
+        import diffusers
+
+        auto, task = _TASKS[argument]
+        try:
+            pipe = getattr(diffusers, auto).from_pipe(self.pipe)
+        except ValueError as exc:
+            raise ValueError(f"{argument}: {type(self.pipe).__name__} has no {task} pipeline") from exc
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _inpaints(self) -> bool:
+        """Whether masks are served: ``pipe`` inpaints, or its family has an inpainting pipeline."""
+        try:
+            self._pipeline_for(image=True, mask=True)
+        except ValueError:
+            return False
+        return True
 
     def has_unfinished_requests(self) -> bool:
         """Requests to run or outputs to report."""
@@ -222,13 +255,14 @@ class DiffusersPipelineExecutor:
         return None
 
 
-def _limits(pipe: Any, family: DiTFamily | None, config: DiTConfig) -> DiTLimits:
+def _limits(pipe: Any, family: DiTFamily | None, config: DiTConfig, inpainting: bool) -> DiTLimits:
     """A native family's pipeline refuses sizes that are not multiples of the family's factor (its
     ``check_inputs``); other pipelines differ (many resize instead), so their own checks apply, per call."""
     if family is None:
-        return DiTLimits.from_config(config, type(pipe).__name__, 1, samplers=(), step_level=False)
+        return DiTLimits.from_config(config, type(pipe).__name__, 1, samplers=(), step_level=False,
+                                     inpainting=inpainting)  # fmt: skip
     return DiTLimits.from_config(config, family.name, family.size_factor, samplers=(), step_level=False,
-                                 model_max_size=family.max_size)  # fmt: skip
+                                 model_max_size=family.max_size, inpainting=inpainting)  # fmt: skip
 
 
 def _native_family(pipe: Any, config: DiTConfig) -> DiTFamily | None:

@@ -13,11 +13,11 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from vllm_omni.config.dit import DiTConfig
 from vllm_omni.diffusion.cache_manager import DiTCacheManager, conditioning_key
+from vllm_omni.diffusion.images import check_mask, image_size
 from vllm_omni.diffusion.limits import DiTLimits
 from vllm_omni.diffusion.models import DenoiseState, resolve_family
 from vllm_omni.diffusion.models.base import denoise_rows
@@ -59,6 +59,7 @@ class OmniDiffusionModelRunner:
             family.samplers,
             step_level=True,
             model_max_size=family.max_size,
+            inpainting=True,  # every native family blends as diffusers' inpaint pipelines do (models/base.py)
         )
         """What this stage accepts (the checks of ``make_request`` that need no model)."""
         self.default_sampler = config.scheduler or type(pipe.scheduler).__name__
@@ -79,11 +80,13 @@ class OmniDiffusionModelRunner:
     def make_request(self, request_id: str, prompt: Any, params: DiffusionSamplingParams) -> DiffusionRequest:
         """Validate ``prompt`` and ``params`` against the model and resolve every default."""
         parsed = parse_prompt(prompt)
-        image, family, config = parsed["image"], self.family, self.config
-        image_h, image_w = _image_size(image) if image is not None else (None, None)
+        image, mask, family, config = parsed["image"], parsed["mask_image"], self.family, self.config
+        image_h, image_w = image_size(image) if image is not None else (None, None)
         height = params.height or config.height or image_h or family.default_size
         width = params.width or config.width or image_w or family.default_size
-        self.limits.check_request(params, image is not None, height, width)
+        self.limits.check_request(params, image is not None, height, width, has_mask=mask is not None)
+        if mask is not None:
+            check_mask(mask, image)
         sampler = params.sampler or self.default_sampler
         steps = _first(params.num_inference_steps, config.num_inference_steps, family.default_steps)
         if params.partial_images >= steps:
@@ -95,6 +98,7 @@ class OmniDiffusionModelRunner:
             prompt=parsed["prompt"],
             negative_prompt=parsed["negative_prompt"] or "",
             image=image,
+            mask_image=mask,
             prompt_embeds=cond,
             negative_prompt_embeds=uncond if family.guidance_on(guidance) else None,
             height=height,
@@ -246,17 +250,6 @@ def _preview_index(state: DenoiseState) -> int | None:
 
 def _first(*values: Any) -> Any:
     return next(v for v in values if v is not None)
-
-
-def _image_size(image: Any) -> tuple[int, int]:
-    if hasattr(image, "size") and not isinstance(image, (torch.Tensor, np.ndarray)):
-        width, height = image.size  # PIL
-        return height, width
-    if isinstance(image, np.ndarray) and image.ndim in (3, 4):
-        return image.shape[-3], image.shape[-2]  # (N)HWC
-    if isinstance(image, torch.Tensor) and image.ndim in (3, 4) and (image.ndim == 3 or image.shape[0] == 1):
-        return image.shape[-2], image.shape[-1]  # (1)CHW
-    raise ValueError("image must be a PIL image, an HWC numpy array or a CHW tensor (values in [0, 1])")
 
 
 def _error_output(request: DiffusionRequest, exc: Exception) -> DiffusionOutput:
