@@ -47,6 +47,7 @@ class Inpainting:
         return self.mask * latents + (1 - self.mask) * kept
 
     def tensors(self) -> list[torch.Tensor]:
+        """The tensors it holds (counted in the request's state bytes)."""
         return [self.mask, self.image_latents, self.noise]
 
 
