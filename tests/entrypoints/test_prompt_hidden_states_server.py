@@ -2,6 +2,8 @@
 server on CPU, tiny Qwen3, float32, layer -2), against the same engine run offline."""
 
 import base64
+import concurrent.futures
+import contextlib
 import io
 import json
 
@@ -31,12 +33,15 @@ def offline(qwen3_path):
 
 @pytest.fixture(scope="module", params=["vllm", "omni"])
 def server(request, qwen3_path):
-    """Stock ``vllm serve`` and ``vllm serve --omni`` (vLLM's serving classes over an AR-only pipeline)."""
+    """Stock ``vllm serve`` and ``vllm serve --omni`` (vLLM's serving classes over an AR-only pipeline).
+    The first starts while the offline reference loads (the two engine starts overlap)."""
     omni = ("--omni",) if request.param == "omni" else ()
     flags = ("--dtype", "float32", "--served-model-name", "tiny", "--return-prompt-hidden-states",
              "--prompt-hidden-states-layer", LAYER)  # fmt: skip
-    with running_server(qwen3_path, *omni, *flags) as url:
-        yield url
+    with contextlib.ExitStack() as stack, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        starting = pool.submit(stack.enter_context, running_server(qwen3_path, *omni, *flags))
+        request.getfixturevalue("offline")
+        yield starting.result()
 
 
 def asked(**fields) -> dict:
