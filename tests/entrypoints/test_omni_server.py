@@ -24,6 +24,7 @@ from PIL import Image
 from tests.utils import free_port, running_server
 from vllm_omni.config.dit import DiTConfig
 from vllm_omni.diffusion.request import DiffusionSamplingParams
+from vllm_omni.entrypoints.cli.main import main as omni_cli_main
 from vllm_omni.testing.tiny_models import tiny_model_path
 from vllm_omni.v1.engine.diffusion_engine import DiffusionEngine
 
@@ -239,6 +240,15 @@ def test_the_api_key_guards_everything_but_health():
 def test_command_line_errors_name_the_flag(args, message):
     result = subprocess.run([VLLM, "serve", *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+
+
+def test_help_all_lists_every_flag_with_vllms_engine_flags(capsys):
+    with pytest.raises(SystemExit):
+        omni_cli_main(["serve", "--omni", "--help=all"])
+    shown = capsys.readouterr().out
+    for flag in ("--dit-steps", "--api-key", "--chat-template", "--max-model-len", "--dtype",
+                 "--enable-return-mm-embedding", "--return-prompt-hidden-states"):  # fmt: skip
+        assert f"  {flag}" in shown, flag
 
 
 def test_a_model_that_cannot_load_fails_start_up_naming_the_stage(tmp_path):

@@ -32,6 +32,8 @@ DESCRIPTION = """Serve an omni pipeline: OpenAI Images API (/v1/images/generatio
                                                   or a stage YAML file
   vllm serve --omni --stage-config pipeline.yaml
   vllm serve --omni --ar-stage LLM --dit-stage DIT   the LLM rewrites each prompt, the DiT draws it
+
+vLLM's engine arguments (ModelConfig, CacheConfig, ... groups) apply to every ar stage.
 """
 SERVER_DEFAULTS = {"host": "0.0.0.0", "port": 8000}
 SYSTEM_PROMPT_INPUT = "serve_system_prompt"
@@ -59,7 +61,7 @@ class OmniServeCommand:
         add_chat_args(
             parser.add_argument_group("chat and completions (pipelines from an ar stage to an ar stage)")
         )
-        AsyncEngineArgs.add_cli_args(parser.add_argument_group("ar stages: vLLM engine arguments"))
+        AsyncEngineArgs.add_cli_args(parser)  # its groups (ModelConfig, ...) at the top: --help lists them
         parser.set_defaults(dispatch_function=OmniServeCommand.cmd)
         return parser
 
