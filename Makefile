@@ -17,7 +17,8 @@ lint: install
 	$(PY) -m ruff format --check .
 
 # Line coverage of vllm_omni (every process the tests start, see [tool.coverage] in pyproject.toml) is
-# printed after the tests. pytest exits 5 when it collects no test: report it instead of failing.
+# printed after the tests, then the 25 slowest tests (the suite should stay under ~30 min). pytest exits 5
+# when it collects no test: report it instead of failing.
 test: lint
-	$(PY) -m pytest --cov --cov-report=term; rc=$$?; \
+	$(PY) -m pytest --cov --cov-report=term --durations=25; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
