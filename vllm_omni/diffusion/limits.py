@@ -14,6 +14,11 @@ if TYPE_CHECKING:
     from vllm_omni.config.dit import DiTConfig
     from vllm_omni.diffusion.request import DiffusionSamplingParams
 
+_NO_LATENTS_IN = (
+    "the diffusers executor runs whole pipeline calls (no latents in, no cut schedule); the native engine "
+    "(DiTConfig.executor='native') serves it"
+)
+
 
 @dataclass(frozen=True)
 class DiTLimits:
@@ -34,8 +39,9 @@ class DiTLimits:
     samplers: tuple[str, ...]
     """Sampler names a request may pick; empty: the stage runs the folder's own scheduler, leave it unset."""
     step_level: bool
-    """Whether the stage runs the native step-level engine, the one that serves ``return_latents`` and
-    ``partial_images`` (``output_type="latent"`` is always served)."""
+    """Whether the stage runs the native step-level engine, the one that serves ``return_latents``,
+    ``partial_images`` and latents in (``latents``, ``denoising_start``, ``denoising_end``;
+    ``output_type="latent"`` is always served)."""
     max_batch_size: int
     """Most requests run together (``DiTConfig.max_batch_size``)."""
     max_waiting_requests: int
@@ -72,7 +78,8 @@ class DiTLimits:
 
     def check_params(self, params: DiffusionSamplingParams) -> None:
         """Refuse (``ValueError`` naming the field) parameters this stage would refuse whatever the prompt:
-        the size asked for or configured, the sampler, ``return_latents``, ``partial_images``."""
+        the size asked for or configured, the sampler, ``return_latents``, ``partial_images``,
+        ``denoising_start`` / ``denoising_end``."""
         self.check_size(params.height or self.height, params.width or self.width)
         if params.sampler is not None:
             self.check_sampler(params.sampler)
@@ -86,6 +93,9 @@ class DiTLimits:
                 f"partial_images is not available with the diffusers executor ({self.name}: it runs whole "
                 "pipeline calls)"
             )
+        for name in ("denoising_start", "denoising_end"):
+            if getattr(params, name) is not None and not self.step_level:
+                raise ValueError(f"{name}: {_NO_LATENTS_IN} ({self.name})")
 
     def check_request(
         self,
@@ -94,13 +104,22 @@ class DiTLimits:
         height: int | None = None,
         width: int | None = None,
         has_mask: bool = False,
+        has_latents: bool = False,
     ) -> None:
         """The checks of a request whose prompt is known: ``check_params``, ``strength`` only with an init
-        image, a mask only where the stage inpaints, and the size it will run at when the engine resolves it
-        (e.g. the init image's)."""
+        image or latents, latents only on the native engine and ``denoising_start`` only with them, a mask
+        only where the stage inpaints, and the size it will run at when the engine resolves it (e.g. the
+        init image's)."""
         self.check_params(params)
-        if params.strength is not None and not has_image:
-            raise ValueError("strength is for image-to-image: pass the init image as prompt['image']")
+        if params.strength is not None and not (has_image or has_latents):
+            raise ValueError(
+                "strength is for image-to-image: pass the init image as prompt['image'] (or its latents as "
+                "prompt['latents'])"
+            )
+        if has_latents and not self.step_level:
+            raise ValueError(f"latents: {_NO_LATENTS_IN} ({self.name})")
+        if params.denoising_start is not None and not has_latents:
+            raise ValueError("denoising_start continues given latents: pass them as prompt['latents']")
         if has_mask and not self.inpainting:
             raise ValueError(
                 f"mask_image: {self.name} does not inpaint (diffusers has no inpainting pipeline for it); "

@@ -12,7 +12,7 @@ from vllm_omni.diffusion.prompt_embeds import EMBEDS_KEYS, SIDES
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 MAX_PARTIAL_IMAGES = 3
-PROMPT_KEYS = ("prompt", "negative_prompt", "image", "mask_image", *EMBEDS_KEYS)
+PROMPT_KEYS = ("prompt", "negative_prompt", "image", "mask_image", "latents", *EMBEDS_KEYS)
 
 
 @dataclass
@@ -21,7 +21,9 @@ class DiffusionSamplingParams:
 
     A request is image-to-image when its prompt carries an ``image``; ``strength`` (0, 1] then sets how much
     of the schedule runs (1 = all of it, the init image only seeds the noise). With a ``mask_image`` too it
-    is inpainting: only the mask's white areas are repainted.
+    is inpainting: only the mask's white areas are repainted. A prompt's ``latents`` start the denoising
+    instead of fresh noise; ``denoising_start`` / ``denoising_end`` cut the schedule, diffusers' ensemble
+    of expert denoisers (``vllm_omni.diffusion.latents``).
     """
 
     height: int | None = None
@@ -35,7 +37,14 @@ class DiffusionSamplingParams:
     seed: int | None = None
     """Seed of the request's own generator (noise, VAE sampling, stochastic samplers); random if None."""
     strength: float | None = None
-    """Image-to-image only: share of the schedule to run, in (0, 1] (default 0.6)."""
+    """Image-to-image only (an init ``image``, or clean ``latents``): share of the schedule to run, in (0, 1]
+    (default 0.6 with an image; with latents, unset means they are not noised: see ``denoising_start``)."""
+    denoising_start: float | None = None
+    """With the prompt's ``latents``: share of the schedule already run on them, in [0, 1); the request runs
+    the timesteps after that cut (diffusers' ``denoising_start``) on the latents as they are. Unset: 0."""
+    denoising_end: float | None = None
+    """Share of the schedule to run, in (0, 1]: the request stops at that cut and returns the latents
+    partly denoised (diffusers' ``denoising_end``), for a later ``denoising_start`` to continue."""
     sampler: str | None = None
     """Diffusers scheduler class name for this request (must be one the model family supports)."""
     output_type: str = "pil"
@@ -63,12 +72,27 @@ class DiffusionSamplingParams:
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
         if self.strength is not None and not (_is_number(self.strength) and 0 < self.strength <= 1):
             raise ValueError(f"strength must be in (0, 1], got {self.strength!r}")
+        self._check_denoising_window()
         if self.output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {self.output_type!r}")
         partial = self.partial_images
         if isinstance(partial, bool) or not (isinstance(partial, int) and 0 <= partial <= MAX_PARTIAL_IMAGES):
             raise ValueError(
                 f"partial_images must be an integer in [0, {MAX_PARTIAL_IMAGES}], got {self.partial_images!r}"
+            )
+
+    def _check_denoising_window(self) -> None:
+        start, end = self.denoising_start, self.denoising_end
+        if start is not None and not (_is_number(start) and 0 <= start < 1):
+            raise ValueError(f"denoising_start must be in [0, 1), got {start!r}")
+        if end is not None and not (_is_number(end) and 0 < end <= 1):
+            raise ValueError(f"denoising_end must be in (0, 1], got {end!r}")
+        if start is not None and end is not None and start >= end:
+            raise ValueError(f"denoising_start ({start}) must be below denoising_end ({end})")
+        if start is not None and self.strength is not None:
+            raise ValueError(
+                "denoising_start and strength both say where the schedule starts (given latents as they are, "
+                "or clean latents noised to strength); give one"
             )
 
     @classmethod
@@ -92,7 +116,9 @@ class DiffusionRequest:
     num_inference_steps: int
     guidance_scale: float
     seed: int
-    strength: float
+    strength: float | None
+    """Image-to-image: share of the schedule to run from the noised init image or clean ``latents``; None:
+    nothing is noised (text-to-image, or ``latents`` continued as they are)."""
     sampler: str
     output_type: str
     return_latents: bool
@@ -106,16 +132,26 @@ class DiffusionRequest:
     the model's device and dtype); used instead of encoding ``prompt``."""
     negative_prompt_embeds: Any = None
     """The same for the negative prompt (used when guidance is on; else ``negative_prompt`` is encoded)."""
+    latents: Any = None
+    """Latents to start from instead of fresh noise (checked, on the model's device, in the family's latent
+    dtype): noised to ``strength`` when it is set, else continued as they are."""
+    denoising_start: float | None = None
+    """Share of the schedule already run on ``latents`` (see ``DiffusionSamplingParams``)."""
+    denoising_end: float | None = None
+    """Share of the schedule to run before returning the latents (see ``DiffusionSamplingParams``)."""
+    step_range: tuple[int, int] | None = None
+    """``[begin, end)`` of the full schedule's timesteps the request runs (set by the native family; None:
+    all of them)."""
     batch_key: Any = None
     """Requests with equal keys can share a transformer forward pass (set by the model family)."""
     arrival_time: float = field(default_factory=time.monotonic)
 
     def nbytes(self) -> int:
-        """Bytes of the data this request holds: its conditioning tensors, its init image and mask."""
+        """Bytes of the data this request holds: its conditioning tensors, latents, init image and mask."""
         from vllm_omni.diffusion.cache_manager import value_nbytes  # torch: only where requests hold tensors
 
         images = _image_nbytes(self.image) + _image_nbytes(self.mask_image)
-        return value_nbytes([self.prompt_embeds, self.negative_prompt_embeds]) + images
+        return value_nbytes([self.prompt_embeds, self.negative_prompt_embeds, self.latents]) + images
 
 
 @dataclass
@@ -131,7 +167,8 @@ class DiffusionOutput:
     seed: int | None = None
     """The seed the request's generator used (reproduces the image)."""
     num_steps: int = 0
-    """Denoising steps actually run (image-to-image runs ``strength`` of the schedule)."""
+    """Denoising steps actually run (image-to-image runs ``strength`` of the schedule, a cut schedule the
+    timesteps between ``denoising_start`` and ``denoising_end``)."""
     error: str | None = None
     """Why the request failed; None when it succeeded."""
     metrics: dict[str, float] = field(default_factory=dict)
@@ -144,7 +181,7 @@ class DiffusionOutput:
 def parse_prompt(prompt: Any) -> dict[str, Any]:
     """Normalise a prompt: a string, or a dict with ``prompt`` and/or ``prompt_embeds``, ``negative_prompt``
     or ``negative_prompt_embeds``, ``image`` and its inpainting ``mask_image`` (and SD3's
-    ``pooled_prompt_embeds``, ``negative_pooled_...``).
+    ``pooled_prompt_embeds``, ``negative_pooled_...``), or ``latents`` to start from (instead of an image).
 
     As in diffusers' pipelines, a text and its tensors are exclusive (``prompt`` or ``prompt_embeds``, not
     both); the tensors themselves are checked by the model family.
@@ -167,6 +204,8 @@ def parse_prompt(prompt: Any) -> dict[str, Any]:
             raise ValueError(f"{pooled} is only taken together with {embeds}")
     if prompt.get("prompt") is None and prompt.get("prompt_embeds") is None:
         raise ValueError("prompt (a string) or prompt_embeds (tensors) is required")
+    if prompt.get("latents") is not None and prompt.get("image") is not None:
+        raise ValueError("give image or latents (the start of the denoising), not both")
     if prompt.get("mask_image") is not None and prompt.get("image") is None:
         raise ValueError("mask_image masks the init image: pass the image as prompt['image'] too")
     return {key: prompt.get(key) for key in PROMPT_KEYS}

@@ -22,6 +22,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_img2img 
 from diffusers.utils.torch_utils import randn_tensor
 
 from vllm_omni.diffusion.cache_manager import value_nbytes
+from vllm_omni.diffusion.latents import denoising_range
 from vllm_omni.diffusion.prompt_embeds import EMBEDS_KEYS, SIDES, Shape, checked_embeds
 from vllm_omni.diffusion.request import DiffusionRequest
 
@@ -206,27 +207,75 @@ class DiTFamily:
     def num_latent_channels(self) -> int:
         return self.transformer.config.in_channels
 
-    def prepare(self, request: DiffusionRequest, cond: Any, uncond: Any) -> DenoiseState:
-        """Sampler, schedule and initial latents of ``request`` (image-to-image: noised init image;
-        inpainting: also its blend)."""
-        generator = torch.Generator("cpu").manual_seed(request.seed)
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """Shape of one request's latents at ``height`` x ``width`` (what ``prepare_latents`` makes and the
+        stage returns): ``(1, channels, height / vae_scale_factor, width / vae_scale_factor)``."""
+        factor = self.pipe.vae_scale_factor
+        return (1, self.num_latent_channels(), height // factor, width // factor)
+
+    def latents_size(self, latents: Any) -> tuple[int | None, int | None]:
+        """(height, width) of an image whose latents are ``latents`` (None, None: not a 4-D tensor)."""
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
+            return None, None
+        factor = self.pipe.vae_scale_factor
+        return latents.shape[-2] * factor, latents.shape[-1] * factor
+
+    def given_latents(self, latents: Any, height: int, width: int) -> torch.Tensor:
+        """``latents`` checked (a finite floating-point tensor of ``latent_shape``) and copied to the model's
+        device in the latent dtype; ``ValueError`` naming ``latents`` and the shape expected."""
+        where = f"{self.name} at {width}x{height} (WxH)"
+        return checked_embeds("latents", latents, self.latent_shape(height, width), where, self.device,
+                              self.latent_dtype())  # fmt: skip
+
+    def step_range(self, request: DiffusionRequest) -> tuple[int, int]:
+        """``[begin, end)`` of the full schedule ``request`` runs: from ``strength``'s start (image-to-image,
+        diffusers' rule) or the ``denoising_start`` cut to the ``denoising_end`` cut
+        (``vllm_omni.diffusion.latents``). ``ValueError`` when the cuts leave no step or would split the
+        steps of a second-order sampler."""
         sampler = self.make_sampler(request.sampler)
         timesteps = self.set_timesteps(sampler, request)
-        if request.image is None:
-            sampler.set_begin_index(0)
-            latents = self.pipe.prepare_latents(
-                1, self.num_latent_channels(), request.height, request.width,
-                self.latent_dtype(), self.device, generator,
-            )  # fmt: skip
+        start, end = request.denoising_start, request.denoising_end
+        if start is None and end is None:
+            return self._strength_start(sampler, request), len(timesteps)
+        if sampler.order != 1:
+            raise ValueError(
+                f"denoising_start / denoising_end: {request.sampler} is a second-order sampler (two "
+                "timesteps per step) and a cut would split a step; use a first-order sampler"
+            )
+        begin, stop = denoising_range(timesteps, sampler.config.num_train_timesteps, start, end)
+        begin = max(begin, self._strength_start(sampler, request))  # strength and denoising_start exclude
+        if begin >= stop:
+            raise ValueError(
+                f"denoising_start {start} / denoising_end {end} leave no step of the "
+                f"{request.num_inference_steps}-step schedule (steps {begin}..{stop}); widen the range"
+            )
+        return begin, stop
+
+    def prepare(self, request: DiffusionRequest, cond: Any, uncond: Any) -> DenoiseState:
+        """Sampler, schedule (``step_range`` of it) and initial latents of ``request``: fresh noise, the given
+        latents, or (image-to-image) the init image's or given clean latents noised to the first step;
+        inpainting: also its blend."""
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        sampler = self.make_sampler(request.sampler)
+        given, request.latents = request.latents, None  # the state owns them: one copy while it denoises
+        begin, end = request.step_range
+        timesteps = self.set_timesteps(sampler, request)[begin:end]
+        sampler.set_begin_index(begin)
+        if request.strength is None:
+            latents = given
+            if latents is None:
+                latents = self.pipe.prepare_latents(
+                    1, self.num_latent_channels(), request.height, request.width,
+                    self.latent_dtype(), self.device, generator,
+                )  # fmt: skip
             return DenoiseState(request, generator, sampler, timesteps, latents, cond, uncond)
-        timesteps = self._trim_for_strength(sampler, timesteps, request)
-        image_latents = self._image_latents(request, generator)
-        device, dtype = torch.device(self.device), image_latents.dtype
-        noise = randn_tensor(image_latents.shape, generator=generator, device=device, dtype=dtype)
-        latents = sampler.scale_noise(image_latents, timesteps[:1], noise).to(self.latent_dtype())
+        clean = given if given is not None else self._image_latents(request, generator)
+        device, dtype = torch.device(self.device), clean.dtype
+        noise = randn_tensor(clean.shape, generator=generator, device=device, dtype=dtype)
+        latents = sampler.scale_noise(clean, timesteps[:1], noise).to(self.latent_dtype())
         state = DenoiseState(request, generator, sampler, timesteps, latents, cond, uncond)
         if request.mask_image is not None:
-            state.inpainting = Inpainting(self._latent_mask(request, latents), image_latents, noise)
+            state.inpainting = Inpainting(self._latent_mask(request, latents), clean, noise)
         return state
 
     def image_to_image_steps(self, request: DiffusionRequest) -> int:
@@ -234,10 +283,10 @@ class DiTFamily:
         init = min(request.num_inference_steps * request.strength, request.num_inference_steps)
         return request.num_inference_steps - int(max(request.num_inference_steps - init, 0))
 
-    def _trim_for_strength(self, sampler: Any, timesteps: torch.Tensor, request: DiffusionRequest):
-        start = (request.num_inference_steps - self.image_to_image_steps(request)) * sampler.order
-        sampler.set_begin_index(start)
-        return timesteps[start:]
+    def _strength_start(self, sampler: Any, request: DiffusionRequest) -> int:
+        if request.strength is None:
+            return 0
+        return (request.num_inference_steps - self.image_to_image_steps(request)) * sampler.order
 
     def _image_latents(self, request: DiffusionRequest, generator: torch.Generator) -> torch.Tensor:
         """The init image's latents (the VAE samples with the request's generator)."""

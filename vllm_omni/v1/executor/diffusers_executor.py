@@ -22,6 +22,7 @@ import torch
 from vllm_omni.config.dit import DiTConfig
 from vllm_omni.diffusion.images import check_mask
 from vllm_omni.diffusion.limits import DiTLimits
+from vllm_omni.diffusion.memory import DiTMemoryEstimate, check_fits
 from vllm_omni.diffusion.models import FAMILIES, DiTFamily
 from vllm_omni.diffusion.prompt_embeds import EMBEDS_KEYS, SIDES
 from vllm_omni.diffusion.request import (
@@ -84,6 +85,10 @@ class DiffusersPipelineExecutor:
         """The pipeline's native family (checks and shapes prompt embeddings), None for other pipelines."""
         self.limits = _limits(self.pipe, self.family, config, self._inpaints())
         """What this stage accepts (``DiTLimits``: picklable, checkable without the model)."""
+        self.memory = None
+        """The model's memory estimate, with ``DiTConfig.memory_budget`` (None without a budget)."""
+        if config.memory_budget is not None:
+            self.memory = DiTMemoryEstimate.from_folder(folder, config)
         self.waiting: deque[DiffusionRequest] = deque()
         self._aborted: list[DiffusionOutput] = []
 
@@ -93,7 +98,10 @@ class DiffusersPipelineExecutor:
         """Validate (``limits``, then the pipeline's call signature) and queue."""
         params, parsed = params or DiffusionSamplingParams(), parse_prompt(prompt)
         image, mask = parsed["image"], parsed["mask_image"]
-        self.limits.check_request(params, has_image=image is not None, has_mask=mask is not None)
+        has_latents = parsed["latents"] is not None
+        self.limits.check_request(
+            params, image is not None, has_mask=mask is not None, has_latents=has_latents
+        )
         self.limits.check_room(len(self.waiting))
         if mask is not None:
             check_mask(mask, image)
@@ -101,6 +109,9 @@ class DiffusersPipelineExecutor:
             self._pipeline_for(image=True, mask=mask is not None)
         cond, uncond = self._given_conditioning(parsed)
         config = self.config
+        if self.memory is not None:
+            height, width = params.height or config.height, params.width or config.width
+            check_fits(self.memory.request_bytes(height, width), config.memory_budget, height, width)
         self.waiting.append(
             DiffusionRequest(
                 request_id=request_id,
@@ -153,7 +164,7 @@ class DiffusersPipelineExecutor:
         if not self.waiting:
             return outputs
         key = _call_key(self.waiting[0])
-        batch = [r for r in self.waiting if _call_key(r) == key][: self.config.max_batch_size]
+        batch = [r for r in self.waiting if _call_key(r) == key][: self._max_batch_size(key)]
         self.waiting = deque(r for r in self.waiting if r not in batch)
         try:
             outputs += self._call(batch)
@@ -161,6 +172,13 @@ class DiffusersPipelineExecutor:
             error = f"{type(exc).__name__}: {exc}"
             outputs += [DiffusionOutput(request_id=r.request_id, seed=r.seed, error=error) for r in batch]
         return outputs
+
+    def _max_batch_size(self, key: _CallKey) -> int:
+        """``max_batch_size``, or fewer: as many calls of ``key``'s size as fit the memory budget."""
+        if self.memory is None:
+            return self.config.max_batch_size
+        needed = self.memory.request_bytes(key.height, key.width)  # guided: the pipeline's choice, unknown
+        return max(1, min(self.config.max_batch_size, self.config.memory_budget // needed))
 
     @torch.inference_mode()
     def _call(self, batch: list[DiffusionRequest]) -> list[DiffusionOutput]:

@@ -80,17 +80,20 @@ class OmniDiffusionModelRunner:
     def make_request(self, request_id: str, prompt: Any, params: DiffusionSamplingParams) -> DiffusionRequest:
         """Validate ``prompt`` and ``params`` against the model and resolve every default."""
         parsed = parse_prompt(prompt)
-        image, mask, family, config = parsed["image"], parsed["mask_image"], self.family, self.config
-        image_h, image_w = image_size(image) if image is not None else (None, None)
-        height = params.height or config.height or image_h or family.default_size
-        width = params.width or config.width or image_w or family.default_size
-        self.limits.check_request(params, image is not None, height, width, has_mask=mask is not None)
+        image, mask, latents = parsed["image"], parsed["mask_image"], parsed["latents"]
+        family, config = self.family, self.config
+        height, width = self._size(params, image, latents)
+        self.limits.check_request(
+            params,
+            image is not None,
+            height,
+            width,
+            has_mask=mask is not None,
+            has_latents=latents is not None,
+        )
         if mask is not None:
             check_mask(mask, image)
-        sampler = params.sampler or self.default_sampler
         steps = _first(params.num_inference_steps, config.num_inference_steps, family.default_steps)
-        if params.partial_images >= steps:
-            raise ValueError(f"partial_images {params.partial_images} must be fewer than the steps ({steps})")
         guidance = float(_first(params.guidance_scale, config.guidance_scale, family.default_guidance))
         cond, uncond = family.given_conditioning(parsed)
         request = DiffusionRequest(
@@ -101,19 +104,39 @@ class OmniDiffusionModelRunner:
             mask_image=mask,
             prompt_embeds=cond,
             negative_prompt_embeds=uncond if family.guidance_on(guidance) else None,
+            latents=None if latents is None else family.given_latents(latents, height, width),
             height=height,
             width=width,
             num_inference_steps=steps,
             guidance_scale=guidance,
             seed=params.seed if params.seed is not None else secrets.randbits(63),
-            strength=_first(params.strength, DEFAULT_STRENGTH),
-            sampler=sampler,
+            strength=_first(params.strength, DEFAULT_STRENGTH) if image is not None else params.strength,
+            denoising_start=params.denoising_start,
+            denoising_end=params.denoising_end,
+            sampler=params.sampler or self.default_sampler,
             output_type=params.output_type,
             return_latents=params.return_latents,
             partial_images=params.partial_images,
         )
+        request.step_range = begin, end = family.step_range(request)
+        if params.partial_images >= end - begin:
+            raise ValueError(
+                f"partial_images {params.partial_images} must be fewer than the steps ({end - begin})"
+            )
         request.batch_key = family.batch_key(request)
         return request
+
+    def _size(self, params: DiffusionSamplingParams, image: Any, latents: Any) -> tuple[int, int]:
+        """(height, width) of a request: asked for, else the stage's, else the init image's, else the model's;
+        with latents, theirs (they cannot be resized; a size asked for must fit them)."""
+        family, config = self.family, self.config
+        if latents is not None:
+            sizes = [family.latents_size(latents)]
+        else:
+            sizes = [(config.height, config.width), image_size(image) if image is not None else (None, None)]
+        height = _first(params.height, *(h for h, _ in sizes), family.default_size)
+        width = _first(params.width, *(w for _, w in sizes), family.default_size)
+        return height, width
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def execute_model(self, scheduler_output: DiffusionSchedulerOutput) -> list[DiffusionOutput]:
