@@ -84,6 +84,12 @@ class DiTConfig:
     """``cpu``, ``cuda`` or ``auto`` (CUDA when available)."""
     max_batch_size: int = 8
     """Most requests denoised together (the running batch)."""
+    memory_budget: int | None = None
+    """Bytes of device memory the running batch's working tensors may take: a request joins the batch only
+    while the estimates of the running requests and its own stay within it (``vllm_omni.diffusion.memory``;
+    a request over it alone is refused). ``None``: the batch is bounded by ``max_batch_size`` alone. On a
+    GPU shared with ``ar`` stages the pipeline reserves this much for the batch (docs/features/
+    omni_pipelines.md, "One GPU for AR and DiT stages")."""
     max_waiting_requests: int = 1024
     """Most requests queued behind the running batch; more are refused."""
     attention_backend: str = "sdpa"
@@ -100,6 +106,8 @@ class DiTConfig:
         self._check_executor()
         for name in ("max_height", "max_width", "max_batch_size", "max_waiting_requests"):
             _require(getattr(self, name) >= 1, f"DiTConfig.{name}", "an integer >= 1")
+        if self.memory_budget is not None:
+            _require(self.memory_budget >= 1, "DiTConfig.memory_budget", "a number of bytes >= 1 or None")
         if self.num_inference_steps is not None:
             _require(self.num_inference_steps >= 1, "DiTConfig.num_inference_steps", "an integer >= 1")
         if self.guidance_scale is not None:

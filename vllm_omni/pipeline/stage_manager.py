@@ -23,6 +23,7 @@ from typing import Any
 from vllm_omni.config.stage import OmniStageConfig
 from vllm_omni.pipeline.kinds import get_stage_kind
 from vllm_omni.pipeline.launcher import StageLauncher
+from vllm_omni.pipeline.memory_plan import plan_memory
 from vllm_omni.pipeline.outputs import OmniRequestOutput
 from vllm_omni.pipeline.protocol import (
     AbortRequests,
@@ -74,12 +75,13 @@ class StageManager:
         shm_threshold: int = SHM_THRESHOLD_BYTES,
         keep_stage_outputs: bool = False,
     ) -> None:
-        """Start every stage (they load in parallel) and wait until all are ready.
+        """Divide each GPU that ``ar`` and ``dit`` stages share (``memory_plan``), start every stage (they
+        load in parallel) and wait until all are ready.
 
         ``keep_stage_outputs``: also return the outputs of non-final stages (debugging); by default they are
         freed once handed on.
         """
-        self.stages = list(stages)
+        self.stages = plan_memory(list(stages))
         check_pipeline(self.stages)
         self.kinds = [get_stage_kind(stage.engine_type) for stage in self.stages]
         self.stage_inputs = [get_stage_input(stage_input_of(self.stages, s)) for s in self.stages]

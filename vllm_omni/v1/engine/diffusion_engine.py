@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from vllm_omni.config.dit import DiTConfig
 from vllm_omni.diffusion.cache_manager import DiTCacheStats
+from vllm_omni.diffusion.memory import DiTMemoryEstimate
 from vllm_omni.diffusion.models import select_executor
-from vllm_omni.diffusion.request import DiffusionOutput, DiffusionSamplingParams
+from vllm_omni.diffusion.request import DiffusionOutput, DiffusionRequest, DiffusionSamplingParams
 from vllm_omni.logger import init_logger
 from vllm_omni.transformers_utils.model_resolution import diffusers_folder, pipeline_class_name
 from vllm_omni.v1.core.sched.diffusion_scheduler import OmniDiffusionScheduler
@@ -34,8 +36,19 @@ class DiffusionEngine:
         self.runner = OmniDiffusionModelRunner(model_path, self.config)
         self.limits = self.runner.limits
         """What this stage accepts (``DiTLimits``: picklable, checkable without the model)."""
-        self.scheduler = OmniDiffusionScheduler(self.limits)
+        self.scheduler = OmniDiffusionScheduler(
+            self.limits, self.config.memory_budget, self._request_bytes(model_path)
+        )
         self._aborted: list[DiffusionOutput] = []
+
+    def _request_bytes(self, model_path: str) -> Callable[[DiffusionRequest], int] | None:
+        """A request's working-memory estimate, for ``DiTConfig.memory_budget`` (None without a budget)."""
+        if self.config.memory_budget is None:
+            return None
+        folder = diffusers_folder(model_path, self.config.revision)
+        estimate = DiTMemoryEstimate.from_folder(folder, self.config)
+        guidance_on = self.runner.family.guidance_on
+        return lambda r: estimate.request_bytes(r.height, r.width, guidance_on(r.guidance_scale))
 
     def add_request(
         self, request_id: str, prompt: Any, params: DiffusionSamplingParams | None = None
