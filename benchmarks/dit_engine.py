@@ -86,9 +86,36 @@ def stream(engine, pipe, args, interval: float) -> dict[str, tuple[float, float]
     }
 
 
+def compare_single(engine: DiffusionEngine, pipe, args) -> float:
+    """Print the single-request latency of ours vs diffusers (interleaved runs, new prompts: no
+    conditioning-cache hit, medians); returns the least disturbed diffusers latency."""
+    ours, theirs = [], []
+    for seed in range(100, 100 + args.repeats * 3):
+        ours.append(timed(lambda seed=seed: drain(engine, args, [(0, seed)]))[0])
+        theirs.append(timed(lambda seed=seed: diffusers_call(pipe, args, [f"prompt {seed}"], [seed]))[0])
+    print(f"single      diffusers {np.median(theirs):.3f}s  ours {np.median(ours):.3f}s  "
+          f"ratio ours/diffusers {np.median(ours) / np.median(theirs):.3f}")  # fmt: skip
+    return float(np.min(theirs))
+
+
+def compare_streams(engine: DiffusionEngine, pipe, args, unit: float) -> None:
+    """Print throughput and mean latency of each contender for ``args.requests`` requests arriving every
+    ``interval`` x ``unit`` seconds, per interval of ``args.intervals`` (one virtual clock, see above)."""
+    for interval in args.intervals:
+        runs = [stream(engine, pipe, args, interval * unit) for _ in range(args.repeats)]
+        med = {k: [float(np.median([r[k][j] for r in runs])) for j in (0, 1)] for k in runs[0]}
+        (ours_tp, ours_lat), (seq_tp, seq_lat), (bat_tp, bat_lat) = med.values()
+        print(f"stream      interval {interval:g}x  img/s: ours {ours_tp:.2f}  sequential {seq_tp:.2f}  "
+              f"hand-batched {bat_tp:.2f}  ours/better {ours_tp / max(seq_tp, bat_tp):.2f}  | latency s: "
+              f"ours {ours_lat:.2f}  sequential {seq_lat:.2f}  hand-batched {bat_lat:.2f}")  # fmt: skip
+
+
 def timed(fn) -> tuple[float, object]:
+    """Seconds ``fn`` took (CUDA work included: the device is synchronized before the clock stops)."""
     start = time.perf_counter()
     result = fn()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
     return time.perf_counter() - start, result
 
 
@@ -137,23 +164,8 @@ def main() -> None:
     diffusers_call(pipe, args, ["warm-up"], [0])
     drain(engine, args, [(0, 0)])
 
-    # Single request latency: interleaved runs, new prompts (no conditioning-cache hit), medians.
-    ours, theirs = [], []
-    for seed in range(100, 100 + args.repeats * 3):
-        ours.append(timed(lambda seed=seed: drain(engine, args, [(0, seed)]))[0])
-        theirs.append(timed(lambda seed=seed: diffusers_call(pipe, args, [f"prompt {seed}"], [seed]))[0])
-    print(f"single      diffusers {np.median(theirs):.3f}s  ours {np.median(ours):.3f}s  "
-          f"ratio ours/diffusers {np.median(ours) / np.median(theirs):.3f}")  # fmt: skip
-
-    # 16 requests arriving over time, on one virtual clock (see the module docstring).
-    unit = float(np.min(theirs))  # the least disturbed measurement of one diffusers request
-    for interval in args.intervals:
-        runs = [stream(engine, pipe, args, interval * unit) for _ in range(args.repeats)]
-        med = {k: [float(np.median([r[k][j] for r in runs])) for j in (0, 1)] for k in runs[0]}
-        (ours_tp, ours_lat), (seq_tp, seq_lat), (bat_tp, bat_lat) = med.values()
-        print(f"stream      interval {interval:g}x  img/s: ours {ours_tp:.2f}  sequential {seq_tp:.2f}  "
-              f"hand-batched {bat_tp:.2f}  ours/better {ours_tp / max(seq_tp, bat_tp):.2f}  | latency s: "
-              f"ours {ours_lat:.2f}  sequential {seq_lat:.2f}  hand-batched {bat_lat:.2f}")  # fmt: skip
+    unit = compare_single(engine, pipe, args)
+    compare_streams(engine, pipe, args, unit)
 
     # Conditioning cache: the same prompts again hit the cache (set-up time only: one step of new requests).
     cold = DiffusionEngine(path, DiTConfig(max_batch_size=n, cache={"conditioning_cache_bytes": 0}))
