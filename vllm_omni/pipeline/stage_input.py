@@ -15,9 +15,12 @@ from functools import cache
 from typing import Any
 
 from vllm_omni.config.stage import OmniStageConfig
+from vllm_omni.diffusion.prompt_embeds import EMBEDS_KEYS
 
 DIT_TEXT_MAX_TOKENS = 512
 """Tokens of a chat-templated prompt kept for a DiT's LM text encoder (diffusers' ``max_sequence_length``)."""
+CONDITIONING_KEYS = ("prompt", "negative_prompt", *EMBEDS_KEYS)
+"""The keys of a DiT prompt a ``latents`` hand-off keeps: what conditions the denoising it continues."""
 
 
 @dataclass
@@ -117,6 +120,18 @@ def generated_image(data: StageInput) -> dict[str, Any]:
     return {"prompt": data.text or "", "image": data.source.images[0]}
 
 
+@register_stage_input("latents", needs="latent", targets=("dit",))
+def generated_latents(data: StageInput) -> dict[str, Any]:
+    """The source DiT stage's latents to continue from (the stage's ``denoising_start`` says where), with the
+    request's conditioning: its text or prompt tensors and its negative prompt."""
+    latents = data.source.latents
+    if latents is None:
+        raise ValueError(f"stage {data.stage.source_stage} returned no latents")
+    prompt = {"prompt": data.prompt} if isinstance(data.prompt, str) else data.prompt
+    conditioning = {key: value for key, value in prompt.items() if key in CONDITIONING_KEYS}
+    return {**conditioning, "latents": latents}
+
+
 @register_stage_input("chat_template")
 def chat_template_ids(data: StageInput) -> dict[str, list[int]]:
     """The prompt text in the stage model's chat template, as token ids, the way a DiT with an LM text
@@ -146,6 +161,8 @@ def default_stage_input(stage: OmniStageConfig, source: OmniStageConfig | None) 
         return "prompt"
     if "hidden_states" in stage.input_modalities:
         return "hidden_states"
+    if "latent" in stage.input_modalities:
+        return "latents"
     if "image" in stage.input_modalities and "image" in source.output_modalities:
         return "image"
     return "text"

@@ -43,6 +43,7 @@ class EchoOutput:
 class EchoStageKind(StageKind):
     name = "echo"
     output_modalities = ("latent",)
+    input_modalities = ("latent",)
 
     def check_config(self, config: OmniStageConfig) -> None:
         super().check_config(config)

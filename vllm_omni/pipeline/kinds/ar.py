@@ -54,6 +54,7 @@ class ARStageKind(StageKind):
 
     name = "ar"
     output_modalities = ("text", "hidden_states")
+    input_modalities = ("text", "image")
 
     def check_config(self, config: OmniStageConfig) -> None:
         super().check_config(config)

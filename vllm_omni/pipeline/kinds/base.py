@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_omni.config.stage import OmniStageConfig
+from vllm_omni.config.stage import MODALITIES, OmniStageConfig
 from vllm_omni.pipeline.outputs import OmniRequestOutput
 from vllm_omni.pipeline.protocol import StageRequest
 from vllm_omni.pipeline.stage_metrics import StageMetrics
@@ -86,13 +86,17 @@ class StageKind:
     """The ``OmniStageConfig.engine_type`` of this kind."""
     output_modalities: tuple[str, ...]
     """What stages of this kind can produce; the first is a stage's default."""
+    input_modalities: tuple[str, ...] = MODALITIES
+    """What stages of this kind can consume (``OmniStageConfig.input_modalities`` must be among them)."""
 
     def check_config(self, config: OmniStageConfig) -> None:
         """Check and normalise the kind's own config fields (ValueError naming the field)."""
-        bad = [m for m in config.output_modalities if m not in self.output_modalities]
-        if bad:
-            allowed = list(self.output_modalities)
-            raise ValueError(f"stage {config.stage_id}: a {self.name!r} stage produces {allowed}, not {bad}")
+        for key, verb in (("input_modalities", "consumes"), ("output_modalities", "produces")):
+            allowed = getattr(self, key)
+            bad = [m for m in getattr(config, key) if m not in allowed]
+            if bad:
+                where = f"stage {config.stage_id}"
+                raise ValueError(f"{where}: a {self.name!r} stage {verb} {list(allowed)}, not {bad} ({key})")
 
     def make_params(self, config: OmniStageConfig, entry: Any) -> Any:
         """The stage's params object for a user's ``entry``: ``None``, a dict of its fields, or the object."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from vllm_omni.config.dit import DiTConfig
@@ -15,10 +16,11 @@ from vllm_omni.pipeline.stage_metrics import StageMetrics
 
 
 class DiTStageKind(StageKind):
-    """Text, prompt embeddings or an init image in; images and/or latents out."""
+    """Text, prompt embeddings, an init image or latents in; images and/or latents out."""
 
     name = "dit"
     output_modalities = ("image", "latent")
+    input_modalities = ("text", "image", "latent", "hidden_states")
 
     def check_config(self, config: OmniStageConfig) -> None:
         if config.engine_args:
@@ -30,14 +32,22 @@ class DiTStageKind(StageKind):
         super().check_config(config)
 
     def make_params(self, config: OmniStageConfig, entry: Any) -> DiffusionSamplingParams:
+        """The entry's params; a stage with ``latent`` in ``output_modalities`` returns its latents (only
+        them, undecoded, unless ``image`` is there too)."""
         if entry is None:
-            return DiffusionSamplingParams()
-        if isinstance(entry, dict):
-            return DiffusionSamplingParams.from_dict(entry)
-        if isinstance(entry, DiffusionSamplingParams):
-            return entry
-        where, got = f"stage {config.stage_id} (dit)", type(entry).__name__
-        raise ValueError(f"{where} takes DiffusionSamplingParams or a dict, got {got}")
+            params = DiffusionSamplingParams()
+        elif isinstance(entry, dict):
+            params = DiffusionSamplingParams.from_dict(entry)
+        elif isinstance(entry, DiffusionSamplingParams):
+            params = entry
+        else:
+            where, got = f"stage {config.stage_id} (dit)", type(entry).__name__
+            raise ValueError(f"{where} takes DiffusionSamplingParams or a dict, got {got}")
+        if "latent" not in config.output_modalities:
+            return params
+        if "image" in config.output_modalities:
+            return dataclasses.replace(params, return_latents=True)
+        return dataclasses.replace(params, output_type="latent")
 
     def check_params(self, limits: DiTLimits, params: DiffusionSamplingParams) -> None:
         limits.check_params(params)
