@@ -6,8 +6,8 @@ kinds, the plan reserves each DiT stage's need (weights, its running batch's wor
 conditioning cache: :func:`dit_need`) plus a margin, gives the ``ar`` stages what is left as their
 ``gpu_memory_utilization`` and bounds each DiT stage's running batch by its reservation
 (``DiTConfig.memory_budget``), unless a stage sets its own value. When the reservations exceed the
-device, the pipeline refuses to start and says who needs what. docs/features/omni_pipelines.md, "One GPU for AR and
-DiT stages", writes the arithmetic down with an example. On CPU there is nothing to divide.
+device, the pipeline refuses to start and says who needs what. docs/features/omni_pipelines.md, "One GPU
+for AR and DiT stages", writes the arithmetic down with an example. On CPU there is nothing to divide.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ class DiTNeed:
 
     def describe(self) -> str:
         return (
-            f"{self.label} {_gib(self.total_bytes)} (weights {_gib(self.weight_bytes)}, {self.max_running} "
-            f"running x {_gib(self.request_bytes)}, conditioning cache {_gib(self.cache_bytes)})"
+            f"{self.label} {_gib(self.total_bytes)} (weights {_gib(self.weight_bytes)}, running batch "
+            f"{_gib(self.working_bytes)} ({self.max_running} x {_gib(self.request_bytes)} at the default "
+            f"size), conditioning cache {_gib(self.cache_bytes)})"
         )
 
 
@@ -88,7 +89,10 @@ class DeviceSplit:
     def describe(self) -> str:
         """The log line: the device, each stage's part, the margin."""
         parts = [f"{need.describe()} reserved" for need in self.dit_needs]
-        parts += [f"{label} gpu_memory_utilization {share}" for label, share in self.ar_shares.items()]
+        parts += [
+            f"{label} gpu_memory_utilization {share}" if share > 0 else f"{label} nothing left"
+            for label, share in self.ar_shares.items()
+        ]
         parts.append(f"margin {_gib(self.margin_bytes)}")
         return f"GPU {self.device} ({_gib(self.total_bytes)}): {'; '.join(parts)}"
 
