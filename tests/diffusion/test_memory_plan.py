@@ -143,3 +143,15 @@ def test_the_worked_example_of_the_docs():
     assert split.ar_shares == {"stage 0 (ar)": 0.64}  # (80 - 26.75 - 2) / 80 = 0.640625
     text = (Path(__file__).parents[2] / "docs/features/omni_pipelines.md").read_text()
     assert "(80 - 26.75 - 2) / 80 = 0.6406" in text
+
+
+def test_memory_budget_bounds_the_diffusers_executors_calls():
+    from vllm_omni.v1.executor.diffusers_executor import DiffusersPipelineExecutor
+
+    sd2 = tiny_model_path("sd2")  # a UNet pipeline: the diffusers executor
+    per_request = DiTMemoryEstimate.from_folder(sd2, DiTConfig()).request_bytes()  # guided: always counted
+    executor = DiffusersPipelineExecutor(sd2, DiTConfig(max_batch_size=8, memory_budget=5 * per_request // 2))
+    for i in range(4):
+        executor.add_request(f"r{i}", "a cat", _params(seed=i))
+    assert sorted(o.request_id for o in executor.step()) == ["r0", "r1"]  # one call of two, two wait
+    assert len(executor.waiting) == 2
