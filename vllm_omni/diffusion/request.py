@@ -134,7 +134,8 @@ class DiffusionRequest:
     """The same for the negative prompt (used when guidance is on; else ``negative_prompt`` is encoded)."""
     latents: Any = None
     """Latents to start from instead of fresh noise (checked, on the model's device, in the family's latent
-    dtype): noised to ``strength`` when it is set, else continued as they are."""
+    dtype): noised to ``strength`` when it is set, else continued as they are. None again once the request's
+    denoising state has taken them (one copy while it runs)."""
     denoising_start: float | None = None
     """Share of the schedule already run on ``latents`` (see ``DiffusionSamplingParams``)."""
     denoising_end: float | None = None
