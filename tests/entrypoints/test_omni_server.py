@@ -294,20 +294,40 @@ def test_ar_to_dit_rewrites_the_prompt_with_the_system_prompt(qwen3_llm):
     assert out["stages"]["0"]["num_generated_tokens"] == 8 and len(out["images"]) == 1
 
 
-def test_a_killed_stage_fails_requests_with_503_and_health_names_it():
-    with running_server(tiny_model_path("sd3"), *DIT_FLAGS) as url:
-        (stage,) = _stage_processes(url)
+def test_a_killed_replica_fails_its_requests_and_the_last_one_kills_the_pipeline(tmp_path):
+    config = tmp_path / "replicas.yaml"
+    config.write_text(
+        f"stages:\n- {{stage_id: 0, engine_type: dit, model_path: {tiny_model_path('sd3')}, replicas: 2,\n"
+        "   dit_config: {num_inference_steps: 2, height: 32, width: 32}}\n"
+    )
+    with running_server(str(config), "--omni") as url:
+        first, second = sorted(_stage_processes(url), key=lambda p: p.pid)  # started in replica order
         slow = {"prompt": "slow", "params": {"0": {"num_inference_steps": 20_000}}}
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             pending = pool.submit(requests.post, f"{url}/generate", json=slow, timeout=60)
-            stage.kill()  # the request is in flight or meets a dead pipeline: 503 naming the stage either way
+            _wait_until(lambda: first.cpu_percent(0.2) > 50)  # replica 0 (the least busy) took it
+            first.kill()
             killed = time.monotonic()
             response = pending.result()
         assert time.monotonic() - killed < 5
-        assert response.status_code == 503
-        assert "stage 0 (dit) exited with code -9" in response.json()["error"]["message"]
+        assert response.status_code == 500
+        assert "stage 0 (dit) replica 0 exited with code -9" in response.json()["error"]["message"]
         health = requests.get(f"{url}/health", timeout=10)
-        assert health.status_code == 503 and "stage 0 (dit)" in health.json()["error"]["message"]
+        assert health.status_code == 200 and health.json()["status"] == "degraded"
+        assert "stage 0 (dit) replica 0" in health.json()["dead_replicas"][0]
+        fast = requests.post(f"{url}/v1/images/generations", json={"prompt": "a cat"}, timeout=60)
+        assert fast.status_code == 200 and len(fast.json()["data"]) == 1  # replica 1 serves on
+        second.kill()  # no replica left: the pipeline is dead, 503 naming the stage
+        _wait_until(lambda: requests.get(f"{url}/health", timeout=10).status_code == 503)
+        dead = requests.post(f"{url}/v1/images/generations", json={"prompt": "a cat"}, timeout=60)
+        assert dead.status_code == 503 and "stage 0 (dit) replica 1" in dead.json()["error"]["message"]
+
+
+def _wait_until(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def _stage_processes(url: str) -> list[psutil.Process]:

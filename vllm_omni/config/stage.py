@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,12 +41,17 @@ class OmniStageConfig:
     stage_input: str | None = None
     """Name of the registered stage-input function that turns the source's output into this stage's prompt
     (``vllm_omni.pipeline.stage_input``); default chosen from the modalities (text, hidden_states, image)."""
-    devices: str | None = None
+    replicas: int = 1
+    """Copies of the stage, each its own process and engine; the pipeline sends each request to the copy
+    with the fewest requests in it. A copy that dies fails only its own requests."""
+    devices: str | list[str] | None = None
     """Device placement: the accelerator ids the stage's process sees (``CUDA_VISIBLE_DEVICES``, e.g.
-    ``"0"`` or ``"1,2"``); ``None`` keeps the parent's. CPU stages ignore it."""
-    cpus: str | None = None
+    ``"0"`` or ``"1,2"``); a list gives each replica its own (one entry per replica); ``None`` keeps the
+    parent's. CPU stages ignore it."""
+    cpus: str | list[str] | None = None
     """CPU placement: the cores the stage's processes run on, in vLLM's format (``"0-3"``, ``"4,6"``):
-    their affinity, one OpenMP thread per core, vLLM's ``VLLM_CPU_OMP_THREADS_BIND``; ``None``: all."""
+    their affinity, one OpenMP thread per core, vLLM's ``VLLM_CPU_OMP_THREADS_BIND``; a list gives each
+    replica its own (one entry per replica); ``None``: all."""
 
     def __post_init__(self) -> None:
         where = f"stage {self.stage_id}"
@@ -71,14 +77,43 @@ class OmniStageConfig:
             self.source_stage = self.stage_id - 1
         if self.source_stage is not None and not 0 <= self.source_stage < self.stage_id:
             raise ValueError(f"{where}: source_stage must be an earlier stage, got {self.source_stage}")
-        if self.cpus is not None:
-            parse_cpu_list(self.cpus, f"{where}: cpus")
+        self._check_replicas(where)
         kind.check_config(self)  # the kind's own fields
+
+    def _check_replicas(self, where: str) -> None:
+        if not isinstance(self.replicas, int) or isinstance(self.replicas, bool) or self.replicas < 1:
+            raise ValueError(f"{where}: replicas must be an integer >= 1, got {self.replicas!r}")
+        for key in ("devices", "cpus"):
+            value = getattr(self, key)
+            if isinstance(value, list) and len(value) != self.replicas:
+                raise ValueError(
+                    f"{where}: {key} lists {len(value)} placements for {self.replicas} replica(s); give one "
+                    "per replica, or one string for all"
+                )
+        for replica in range(self.replicas):
+            cpus = _entry(self.cpus, replica)
+            if cpus is not None:
+                parse_cpu_list(cpus, f"{where}: cpus")
+
+    def for_replica(self, replica: int) -> OmniStageConfig:
+        """The config one replica's process runs: ``devices`` and ``cpus`` its own entries."""
+        if not isinstance(self.devices, list) and not isinstance(self.cpus, list):
+            return self
+        devices, cpus = _entry(self.devices, replica), _entry(self.cpus, replica)
+        return dataclasses.replace(self, devices=devices, cpus=cpus, replicas=1)
+
+    def replica_label(self, replica: int) -> str:
+        """How errors name a replica: the stage's label, with ``replica 1`` when it has several."""
+        return self.label if self.replicas == 1 else f"{self.label} replica {replica}"
 
     @property
     def label(self) -> str:
         """How errors name the stage: ``stage 1 (dit)``."""
         return f"stage {self.stage_id} ({self.engine_type})"
+
+
+def _entry(value: str | list[str] | None, replica: int) -> str | None:
+    return value[replica] if isinstance(value, list) else value
 
 
 def parse_cpu_list(text: str, where: str = "cpus") -> list[int]:
@@ -129,15 +164,16 @@ def create_ar_stage_config(
     *,
     source_stage: int | None = None,
     stage_input: str | None = None,
-    devices: str | None = None,
-    cpus: str | None = None,
+    replicas: int = 1,
+    devices: str | list[str] | None = None,
+    cpus: str | list[str] | None = None,
     **engine_args: Any,
 ) -> OmniStageConfig:
     """An ``ar`` stage; ``engine_args`` are ``vllm.EngineArgs`` fields (e.g. ``max_model_len=512``)."""
     return OmniStageConfig(
         stage_id, "ar", model_path, input_modalities or ["text"], output_modalities,
         engine_args=engine_args, final_output=final_output, source_stage=source_stage,
-        stage_input=stage_input, devices=devices, cpus=cpus,
+        stage_input=stage_input, replicas=replicas, devices=devices, cpus=cpus,
     )  # fmt: skip
 
 
@@ -150,13 +186,14 @@ def create_dit_stage_config(
     *,
     source_stage: int | None = None,
     stage_input: str | None = None,
-    devices: str | None = None,
-    cpus: str | None = None,
+    replicas: int = 1,
+    devices: str | list[str] | None = None,
+    cpus: str | list[str] | None = None,
     **dit_options: Any,
 ) -> OmniStageConfig:
     """A ``dit`` stage; ``dit_options`` are :class:`DiTConfig` fields (e.g. ``num_inference_steps=20``)."""
     return OmniStageConfig(
         stage_id, "dit", model_path, input_modalities or ["text"], output_modalities,
         dit_config=DiTConfig.from_dict(dit_options), final_output=final_output, source_stage=source_stage,
-        stage_input=stage_input, devices=devices, cpus=cpus,
+        stage_input=stage_input, replicas=replicas, devices=devices, cpus=cpus,
     )  # fmt: skip

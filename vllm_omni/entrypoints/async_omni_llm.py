@@ -72,13 +72,14 @@ class AsyncOmniLLM:
         """Stop requests at whatever stage they are; their streams end with ``error == "aborted"``."""
         self.manager.abort([request_id] if isinstance(request_id, str) else list(request_id))
 
-    async def stage_stats(self, stage_id: int) -> dict[str, int]:
-        """What stage ``stage_id``'s engine holds now (requests, bytes)."""
-        return await asyncio.to_thread(self.manager.stage_stats, stage_id)
+    async def stage_stats(self, stage_id: int, replica: int | None = None) -> dict[str, Any]:
+        """What stage ``stage_id``'s engine holds now (requests, bytes): one replica's, or its live
+        replicas' together (``StageManager.stage_stats``)."""
+        return await asyncio.to_thread(self.manager.stage_stats, stage_id, replica)
 
-    async def stage_metrics(self, stage_id: int) -> StageMetrics:
-        """Stage ``stage_id``'s metrics now (batch, queue, step times, failures, caches, vLLM's own)."""
-        return await asyncio.to_thread(self.manager.stage_metrics, stage_id)
+    async def stage_metrics(self, stage_id: int, replica: int = 0) -> StageMetrics:
+        """A replica's metrics now (batch, queue, step times, failures, caches, vLLM's own)."""
+        return await asyncio.to_thread(self.manager.stage_metrics, stage_id, replica)
 
     def shutdown(self) -> None:
         """Stop every stage's process."""

@@ -78,9 +78,10 @@ class OmniLLM:
             self.manager.add_requests(admitted)
         return rest
 
-    def stage_stats(self, stage_id: int) -> dict[str, int]:
-        """What stage ``stage_id``'s engine holds now (requests, bytes)."""
-        return self.manager.stage_stats(stage_id)
+    def stage_stats(self, stage_id: int, replica: int | None = None) -> dict[str, Any]:
+        """What stage ``stage_id``'s engine holds now (requests, bytes): one replica's, or its live
+        replicas' together (``StageManager.stage_stats``)."""
+        return self.manager.stage_stats(stage_id, replica)
 
     def close(self) -> None:
         """Stop every stage's process."""

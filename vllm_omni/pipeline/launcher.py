@@ -2,9 +2,9 @@
 
 A launcher starts a stage from its :class:`~vllm_omni.pipeline.stage_process.StageBootstrap` parts and
 returns a :class:`StageHandle`, through which the manager sends the stage its messages, watches it and
-stops it; the stage's messages arrive in the manager's queue as ``(stage_id, bytes)`` (``None`` when the
-stage is gone). Another launcher (e.g. Ray actors on other machines) implements the same interface;
-docs/features/omni_pipelines.md describes how that maps.
+stops it; the stage's messages arrive in the manager's queue as ``(tag, bytes)`` (``None`` when the
+stage is gone), tagged as the manager asked (a replica's slot). Another launcher (e.g. Ray actors on
+other machines) implements the same interface; docs/features/omni_pipelines.md describes how that maps.
 """
 
 from __future__ import annotations
@@ -56,17 +56,27 @@ class StageLauncher(Protocol):
     """Starts stages."""
 
     def launch(
-        self, config: OmniStageConfig, received: queue.Queue, segment_prefix: str, shm_threshold: int
+        self,
+        config: OmniStageConfig,
+        tag: int,
+        received: queue.Queue,
+        segment_prefix: str,
+        shm_threshold: int,
     ) -> StageHandle:
-        """Start ``config``'s stage; its messages go to ``received`` as ``(stage_id, bytes)``."""
+        """Start a process running ``config``'s stage; its messages go to ``received`` as ``(tag, bytes)``."""
         ...
 
 
 class LocalProcessLauncher:
-    """One local process per stage (the default launcher): a fresh interpreter, safe with CUDA."""
+    """One local process per stage replica (the default launcher): a fresh interpreter, safe with CUDA."""
 
     def launch(
-        self, config: OmniStageConfig, received: queue.Queue, segment_prefix: str, shm_threshold: int
+        self,
+        config: OmniStageConfig,
+        tag: int,
+        received: queue.Queue,
+        segment_prefix: str,
+        shm_threshold: int,
     ) -> LocalProcess:
         ours, theirs = channel_pair()
         bootstrap = StageBootstrap(
@@ -83,7 +93,7 @@ class LocalProcessLauncher:
             # started; a terminal's Ctrl-C reaches only the manager, which shuts the stages down
         )
         theirs.close()
-        handle = LocalProcess(process, Channel(ours, received, tag=config.stage_id))
+        handle = LocalProcess(process, Channel(ours, received, tag=tag))
         try:
             pickle.dump(sys.path, process.stdin)
             pickle.dump(bootstrap, process.stdin)

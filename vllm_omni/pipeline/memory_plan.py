@@ -171,25 +171,27 @@ def device_total_bytes(device: str) -> int:
 def _shared_devices(
     stages: list[OmniStageConfig],
 ) -> dict[str, tuple[list[OmniStageConfig], list[OmniStageConfig]]]:
-    """Device id -> (its GPU dit stages, its ar stages), for the devices holding both. A dit stage runs on
-    the first device it sees; an ar stage on all it sees (tensor and pipeline parallel)."""
+    """Device id -> (its GPU dit stages, its ar stages), for the devices holding both. A dit stage replica
+    runs on the first device it sees; an ar stage replica on all it sees (tensor and pipeline parallel)."""
     groups: dict[str, tuple[list, list]] = {}
     for stage in stages:
         if stage.engine_type == "dit" and stage.dit_config.device != "cpu":
-            groups.setdefault(_devices(stage, 1)[0], ([], []))[0].append(stage)
+            for device in {_devices(stage, replica, 1)[0] for replica in range(stage.replicas)}:
+                groups.setdefault(device, ([], []))[0].append(stage)
     for stage in stages:
         if stage.engine_type == "ar":
             args = stage.engine_args
             parallel = args.get("tensor_parallel_size", 1) * args.get("pipeline_parallel_size", 1)
-            for device in _devices(stage, parallel):
+            for device in {d for r in range(stage.replicas) for d in _devices(stage, r, parallel)}:
                 if device in groups:
                     groups[device][1].append(stage)
     return {device: group for device, group in groups.items() if group[1]}
 
 
-def _devices(stage: OmniStageConfig, count: int) -> list[str]:
-    """The device ids a stage's process sees (its ``devices``, else ours), the first ``count`` of them."""
-    visible = stage.devices.split(",") if stage.devices is not None else _parent_devices()
+def _devices(stage: OmniStageConfig, replica: int, count: int) -> list[str]:
+    """The device ids a stage replica's process sees (its ``devices``, else ours), the first ``count``."""
+    devices = stage.for_replica(replica).devices
+    visible = devices.split(",") if devices is not None else _parent_devices()
     return [d.strip() for d in visible][:count] if visible else [str(i) for i in range(count)]
 
 

@@ -1,8 +1,9 @@
 """The started stages of one pipeline: their handles, their messages, their limits, their end.
 
-``RunningStages`` starts every stage through a launcher (they load in parallel), waits until each has
-reported ready with its limits, and from then on sends and receives the pipeline's messages
-(``vllm_omni.pipeline.protocol``), tells which stage died and how, and stops them all. It knows nothing
+``RunningStages`` starts every replica of every stage through a launcher (they load in parallel), waits
+until each has reported ready with its limits, and from then on sends and receives the pipeline's messages
+(``vllm_omni.pipeline.protocol``), tells which replica died and how, and stops them all. Replicas are
+numbered in one flat list of *slots* (stage 0's replicas first); a message names its slot. It knows nothing
 of requests; the ``StageManager`` does.
 """
 
@@ -36,65 +37,70 @@ class RunningStages:
         """Start every stage and wait until all are ready (OmniStageError naming a stage that is not)."""
         self.stages = stages
         self.threshold, self.prefix = shm_threshold, new_segment_prefix()
+        self.slots = [(stage.stage_id, replica) for stage in stages for replica in range(stage.replicas)]
+        """``(stage_id, replica)`` of each slot."""
         self.handles: list[StageHandle] = []
+        """Each slot's handle."""
         self.limits: list[Any] = [None] * len(stages)
-        """What each stage accepts (its kind's limits object), as it reported when ready."""
+        """What each stage accepts (its kind's limits object), as its replicas reported when ready."""
         self._received: queue.Queue = queue.Queue()
         self.stop = weakref.finalize(self, _stop_all, self.handles, self.prefix)
         """Stop every stage and what it started, unlink the pipeline's segments (idempotent; also at exit)."""
         try:
-            for stage in stages:
-                launched = (launcher or LocalProcessLauncher()).launch(stage, self._received, self.prefix,
-                                                                       shm_threshold)  # fmt: skip
-                self.handles.append(launched)
+            for slot, (stage_id, replica) in enumerate(self.slots):
+                config = stages[stage_id].for_replica(replica)
+                launcher = launcher or LocalProcessLauncher()
+                self.handles.append(launcher.launch(config, slot, self._received, self.prefix, shm_threshold))
             self._wait_ready()
         except BaseException:
             self.stop()
             raise
 
-    def send(self, stage_id: int, message: Any, forwarded: list[str] | None = None) -> None:
-        """Send ``message`` to a stage (``forwarded``: see ``stage_io.dumps``)."""
-        self.handles[stage_id].send(dumps(message, self.threshold, self.prefix, forwarded))
+    def send(self, slot: int, message: Any, forwarded: list[str] | None = None) -> None:
+        """Send ``message`` to a slot's replica (``forwarded``: see ``stage_io.dumps``)."""
+        self.handles[slot].send(dumps(message, self.threshold, self.prefix, forwarded))
 
     def receive(self, timeout: float) -> tuple[int, Any] | None:
-        """The next ``(stage_id, message)`` (message None: the stage is gone), waiting up to ``timeout``."""
+        """The next ``(slot, message)`` (message None: the replica is gone), waiting up to ``timeout``."""
         try:
-            stage_id, data = (
-                self._received.get(timeout=timeout) if timeout > 0 else self._received.get_nowait()
-            )
+            slot, data = self._received.get(timeout=timeout) if timeout > 0 else self._received.get_nowait()
         except queue.Empty:
             return None
-        return stage_id, None if data is None else loads(data)
+        return slot, None if data is None else loads(data)
 
-    def first_dead(self) -> tuple[int, str] | None:
-        """``(stage_id, how it ended)`` of a stage that is no longer running, if any."""
-        for stage_id, handle in enumerate(self.handles):
-            if not handle.is_alive():
-                return stage_id, handle.exit_description()
-        return None
+    def slots_of(self, stage_id: int) -> list[int]:
+        """The slots of a stage's replicas."""
+        return [slot for slot, (stage, _) in enumerate(self.slots) if stage == stage_id]
 
-    def error(self, stage_id: int, what: str | None = None) -> OmniStageError:
-        """The error of stage ``stage_id``: ``what`` happened, or how its process ended."""
-        return OmniStageError(
-            f"{self.stages[stage_id].label} {what or self.handles[stage_id].exit_description()}"
-        )
+    def dead(self) -> list[int]:
+        """The slots whose replica is no longer running."""
+        return [slot for slot, handle in enumerate(self.handles) if not handle.is_alive()]
+
+    def label(self, slot: int) -> str:
+        """How errors name a slot's replica: ``stage 1 (dit)``, ``stage 1 (dit) replica 0``."""
+        stage_id, replica = self.slots[slot]
+        return self.stages[stage_id].replica_label(replica)
+
+    def error(self, slot: int, what: str | None = None) -> OmniStageError:
+        """The error of a slot's replica: ``what`` happened, or how its process ended."""
+        return OmniStageError(f"{self.label(slot)} {what or self.handles[slot].exit_description()}")
 
     def _wait_ready(self) -> None:
         ready: set[int] = set()
-        while len(ready) < len(self.stages):
+        while len(ready) < len(self.slots):
             item = self.receive(LIVENESS_SECONDS)
             if item is None:
-                if (dead := self.first_dead()) is not None:
-                    raise self.error(*dead)
+                if dead := self.dead():
+                    raise self.error(dead[0])
                 continue
-            stage_id, message = item
+            slot, message = item
             if message is None:
-                raise self.error(stage_id)
+                raise self.error(slot)
             if message.type is StageMessageType.READY:
-                self.limits[stage_id] = message.limits
-                ready.add(stage_id)
+                self.limits[self.slots[slot][0]] = message.limits
+                ready.add(slot)
             elif message.type is StageMessageType.START_FAILED:
-                label, how = self.stages[stage_id].label, self.handles[stage_id].exit_description()
+                label, how = self.label(slot), self.handles[slot].exit_description()
                 raise OmniStageError(f"{label} failed to start:\n{message.error}{label} {how}")
 
 

@@ -5,8 +5,10 @@ limits when it is ready. A request's params are checked against every stage's li
 queue bounds, before the first stage gets it: a request a later stage would refuse costs no compute. When a
 stage finishes a request, the manager calls the next stage's stage-input function (outside its lock) and
 sends the result on; tensors pass through by their shared-memory handle, never copied here. Stages work on
-different requests at once. A stage that dies fails every pending request with an error naming it;
-``shutdown`` stops every process.
+different requests at once. A stage with replicas gets each request on the replica with the fewest requests
+in it. A replica that dies fails the requests in it with an error naming it; the others keep serving, and
+when a stage has no replica left, every pending request fails and the pipeline is dead. ``shutdown``
+stops every process.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class _Request:
     result: OmniRequestOutput
     stage: int = 0
     """The stage serving the request now."""
+    slot: int = -1
+    """The replica (``RunningStages`` slot) serving it now."""
     hop_id: str = ""
     """The request's id in that stage (fresh per hop: a late output of an earlier hop never matches)."""
     outputs: dict[int, Any] = field(default_factory=dict)
@@ -89,6 +93,10 @@ class StageManager:
         self._last_reader = {s.source_stage: s.stage_id for s in self.stages if s.source_stage is not None}
         self.requests: dict[str, _Request] = {}
         self.dead: OmniStageError | None = None
+        """Why the pipeline stopped serving (a stage without a live replica, shutdown); None while serving."""
+        self.dead_replicas: dict[int, OmniStageError] = {}
+        """Slot -> why that replica ended, for the replicas that did (stage 0's replica 1 is slot 1 when
+        stage 0 has several)."""
         self._hops: dict[str, str] = {}
         self._serial = count()
         self._updates: list[OmniRequestOutput] = []
@@ -96,6 +104,7 @@ class StageManager:
         self._replies: dict[int, Any] = {}
         self._waited: set[int] = set()
         self._adds: dict[int, list[str]] = {}
+        self._token_slots: dict[int, int] = {}
         self._lock = threading.RLock()
         self._replied = threading.Condition(self._lock)
         self._stopping = threading.Event()
@@ -127,15 +136,15 @@ class StageManager:
             for request_id, prompt, params in requests:
                 self.requests[request_id] = _Request(params, OmniRequestOutput(request_id, prompt))
             try:
-                token = self._send_add(0, [self.requests[i] for i in ids], first, wait)
-                error = self._wait_reply(token) if wait else None
+                tokens = self._send_add(0, [self.requests[i] for i in ids], first, wait)
+                errors = [error for token in tokens if (error := self._wait_reply(token))] if wait else []
             except BaseException:
-                self._forget(ids)
+                self._abort_added(ids)
                 raise
-            if error is not None:
-                self._forget(ids)
-                raise (ValueError if error[0] == "ValueError" else OmniStageError)(
-                    f"{self.stages[0].label}: {error[1]}"
+            if errors:
+                self._abort_added(ids)
+                raise (ValueError if errors[0][0] == "ValueError" else OmniStageError)(
+                    f"{self.stages[0].label}: {errors[0][1]}"
                 )
 
     def check_params(self, params: list[Any]) -> None:
@@ -154,6 +163,14 @@ class StageManager:
             slots = [bound - in_flight for _, bound, in_flight in self._queue_use()]
         return max(min(slots), 0) if slots else None
 
+    def _abort_added(self, request_ids: list[str]) -> None:
+        """Forget requests whose add failed; replicas that took some of them drop those."""
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is not None and self.dead is None and request.slot not in self.dead_replicas:
+                self._send(request.slot, AbortRequests([request.hop_id]))
+        self._forget(request_ids)
+
     def _check_capacity(self, num_new: int) -> None:
         for stage_id, bound, in_flight in self._queue_use():
             if in_flight + num_new > bound:
@@ -164,11 +181,13 @@ class StageManager:
                 )
 
     def _queue_use(self) -> list[tuple[int, int, int]]:
-        """(stage id, queue bound, requests in it or before it) of every bounded stage."""
+        """(stage id, queue bound of its live replicas together, requests in it or before it) of every bounded
+        stage."""
         use = []
         for stage_id, (kind, limits) in enumerate(zip(self.kinds, self.running.limits, strict=True)):
             bound = kind.queue_bound(limits)
             if bound is not None:
+                bound *= len(self._live_slots(stage_id))
                 use.append((stage_id, bound, sum(r.stage <= stage_id for r in self.requests.values())))
         return use
 
@@ -179,8 +198,8 @@ class StageManager:
                 request = self.requests.get(request_id)
                 if request is None:
                     continue
-                if self.dead is None:
-                    self._send(request.stage, AbortRequests([request.hop_id]))
+                if self.dead is None and request.slot not in self.dead_replicas:
+                    self._send(request.slot, AbortRequests([request.hop_id]))
                 self._end(request, error="aborted")
 
     def poll(self, timeout: float) -> list[OmniRequestOutput]:
@@ -217,20 +236,40 @@ class StageManager:
             if updates:
                 self._deliver(updates)
 
-    def stage_stats(self, stage_id: int) -> dict[str, int]:
-        """What stage ``stage_id``'s engine holds (requests, bytes), after its next step."""
-        return self._ask(stage_id, GetStats)
+    def stage_stats(self, stage_id: int, replica: int | None = None) -> dict[str, Any]:
+        """What stage ``stage_id``'s engine holds (requests, bytes), after its next step: one replica's, or
+        (``replica`` None) its live replicas' together (counts summed; ``replicas``: how many are live)."""
+        if replica is not None:
+            return self._ask(self._slot(stage_id, replica), GetStats)
+        stats = [self._ask(slot, GetStats) for slot in self._live_slots(stage_id)]
+        if self.stages[stage_id].replicas == 1:
+            return stats[0]
+        summed = {key: sum(s[key] for s in stats) if isinstance(value, int) else value
+                  for key, value in stats[0].items()}  # fmt: skip
+        return {**summed, "replicas": len(stats)}
 
-    def stage_metrics(self, stage_id: int) -> StageMetrics:
-        """Stage ``stage_id``'s metrics (batch, queue, step times, failures, caches), after its next step."""
-        return self._ask(stage_id, GetMetrics)
+    def stage_metrics(self, stage_id: int, replica: int = 0) -> StageMetrics:
+        """A replica's metrics (batch, queue, step times, failures, caches), after its next step."""
+        return self._ask(self._slot(stage_id, replica), GetMetrics)
 
-    def _ask(self, stage_id: int, message_type: type[GetStats | GetMetrics]) -> Any:
+    def _slot(self, stage_id: int, replica: int) -> int:
+        slots = self.running.slots_of(stage_id)
+        if not 0 <= replica < len(slots):
+            raise ValueError(f"{self.stages[stage_id].label} has {len(slots)} replica(s), not {replica + 1}")
+        return slots[replica]
+
+    def _live_slots(self, stage_id: int) -> list[int]:
+        return [slot for slot in self.running.slots_of(stage_id) if slot not in self.dead_replicas]
+
+    def _ask(self, slot: int, message_type: type[GetStats | GetMetrics]) -> Any:
         with self._lock:
             self._raise_if_dead()
+            if slot in self.dead_replicas:
+                raise self.dead_replicas[slot]
             token = next(self._serial)
             self._waited.add(token)
-            self._send(stage_id, message_type(token))
+            self._token_slots[token] = slot
+            self._send(slot, message_type(token))
             return self._wait_reply(token)
 
     def shutdown(self) -> None:
@@ -247,17 +286,32 @@ class StageManager:
         self.running.stop()
 
     # ---- routing -----------------------------------------------------------------------------------
-    def _route(self, stage_id: int, message: Any) -> None:
-        if message is None:  # the stage's end of the channel closed
-            self._fail_all(self.running.error(stage_id))
+    def _route(self, slot: int, message: Any) -> None:
+        if message is None:  # the replica's end of the channel closed
+            self._replica_ended(slot)
             return
         if message.type is StageMessageType.OUTPUTS:
             for output in message.outputs:
-                self._on_output(stage_id, output)
+                self._on_output(self.running.slots[slot][0], output)
         elif message.type is StageMessageType.REPLY:
-            self._on_reply(stage_id, message.token, message.error or message.value)
+            self._on_reply(slot, message.token, message.error or message.value)
         elif message.type is StageMessageType.FAILED:
-            self._fail_all(self.running.error(stage_id, f"failed:\n{message.error}"))
+            self._replica_ended(slot, f"failed:\n{message.error}")
+
+    def _replica_ended(self, slot: int, what: str | None = None) -> None:
+        """A replica died or its engine failed: its requests fail; the pipeline too if its stage has no
+        replica left."""
+        if slot in self.dead_replicas:
+            return
+        error = self.dead_replicas[slot] = self.running.error(slot, what)
+        for token in [t for t, s in self._token_slots.items() if s == slot and t in self._waited]:
+            self._replies[token] = error
+        self._replied.notify_all()
+        if not self._live_slots(self.running.slots[slot][0]):
+            self._fail_all(error)
+            return
+        for request in [r for r in self.requests.values() if r.slot == slot]:
+            self._end(request, error=str(error))
 
     def _on_output(self, stage_id: int, news: StageOutput) -> None:
         request = self.requests.get(self._hops.get(news.request_id, ""))
@@ -317,7 +371,8 @@ class StageManager:
             if last_reader <= stage_id and not self.stages[source].final_output:
                 request.outputs.pop(source, None)  # handed on for good
 
-    def _on_reply(self, stage_id: int, token: int, value: Any) -> None:
+    def _on_reply(self, slot: int, token: int, value: Any) -> None:
+        self._token_slots.pop(token, None)
         if token in self._waited:
             self._replies[token] = value
             self._replied.notify_all()
@@ -329,7 +384,7 @@ class StageManager:
             request = self.requests.get(self._hops.get(hop_id, ""))
             if request is not None:
                 request.result.refused = value[0] == "ValueError"
-                self._end(request, error=f"{self.stages[stage_id].label}: {value[0]}: {value[1]}")
+                self._end(request, error=f"{self.running.label(slot)}: {value[0]}: {value[1]}")
 
     def _snapshot(self, request: _Request, stage_id: int) -> None:
         result = request.result
@@ -355,8 +410,8 @@ class StageManager:
                 self._hops.pop(request.hop_id, None)
 
     # ---- plumbing ----------------------------------------------------------------------------------
-    def _send(self, stage_id: int, message: Any, forwarded: list[str] | None = None) -> None:
-        self.running.send(stage_id, message, forwarded)
+    def _send(self, slot: int, message: Any, forwarded: list[str] | None = None) -> None:
+        self.running.send(slot, message, forwarded)
 
     def _send_add(
         self,
@@ -365,25 +420,36 @@ class StageManager:
         prompts: list[Any],
         wait: bool = False,
         forwarded: list[str] | None = None,
-    ) -> int:
-        """Send requests to ``stage_id`` under fresh hop ids; returns the token of the stage's answer."""
-        items = []
+    ) -> list[int]:
+        """Send requests to ``stage_id`` under fresh hop ids, each to the live replica with the fewest
+        requests in it; returns the tokens of the replicas' answers (one per replica sent to)."""
+        batches: dict[int, list[StageRequest]] = {}
+        load = collections.Counter(r.slot for r in self.requests.values())
         for request, prompt in zip(requests, prompts, strict=True):
+            slot = min(self._live_slots(stage_id), key=lambda s: (load[s], s))
+            load[request.slot] -= 1
+            load[slot] += 1
             self._hops.pop(request.hop_id, None)
-            request.stage, request.hop_id = stage_id, f"{request.result.request_id}#{next(self._serial)}"
+            request.stage, request.slot = stage_id, slot
+            request.hop_id = f"{request.result.request_id}#{next(self._serial)}"
             self._hops[request.hop_id] = request.result.request_id
-            items.append(StageRequest(request.hop_id, prompt, request.params[stage_id]))
-        token = next(self._serial)
-        if wait:
-            self._waited.add(token)
-        else:
-            self._adds[token] = [item.request_id for item in items]
-        self._send(stage_id, AddRequests(token, items), forwarded)
-        return token
+            item = StageRequest(request.hop_id, prompt, request.params[stage_id])
+            batches.setdefault(slot, []).append(item)
+        tokens = []
+        for slot, items in batches.items():
+            token = next(self._serial)
+            if wait:
+                self._waited.add(token)
+                self._token_slots[token] = slot
+            else:
+                self._adds[token] = [item.request_id for item in items]
+            self._send(slot, AddRequests(token, items), forwarded)
+            tokens.append(token)
+        return tokens
 
     def _wait_reply(self, token: int) -> Any:
-        """The stage's reply to ``token`` (call with the lock held); routes meanwhile unless a background
-        thread does (hand-offs wait for the next ``poll``)."""
+        """The replica's reply to ``token`` (call with the lock held); routes meanwhile unless a background
+        thread does (hand-offs wait for the next ``poll``). Raises the replica's error if it ended."""
         try:
             while token not in self._replies:
                 self._raise_if_dead()
@@ -391,17 +457,21 @@ class StageManager:
                     self._replied.wait(LIVENESS_SECONDS)
                 elif (item := self.running.receive(LIVENESS_SECONDS)) is not None:
                     self._route(*item)
-            return self._replies.pop(token)
+            reply = self._replies.pop(token)
+            if isinstance(reply, OmniStageError):
+                raise reply
+            return reply
         finally:
             self._waited.discard(token)
+            self._token_slots.pop(token, None)
 
     def _check_alive(self) -> None:
         now = time.monotonic()
         if self.dead is not None or now - self._last_check < LIVENESS_SECONDS:
             return
         self._last_check = now
-        if (dead := self.running.first_dead()) is not None:
-            self._fail_all(self.running.error(*dead))
+        for slot in self.running.dead():
+            self._replica_ended(slot)
 
     def _fail_all(self, error: OmniStageError) -> None:
         """Mark the pipeline dead (the first cause wins) and end every pending request with the cause."""

@@ -77,9 +77,12 @@ def build_app(server: OmniServer, args: argparse.Namespace | None = None) -> Fas
 def _add_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
-        dead = server_of(request).omni.manager.dead
-        if dead is not None:
-            return _error_response(503, str(dead), None, "server_error")
+        manager = server_of(request).omni.manager
+        if manager.dead is not None:
+            return _error_response(503, str(manager.dead), None, "server_error")
+        if manager.dead_replicas:  # still serving, on the replicas left
+            ended = [str(error) for error in manager.dead_replicas.values()]
+            return JSONResponse({"status": "degraded", "dead_replicas": ended})
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -131,8 +134,8 @@ def _info(server: OmniServer, stats: list[dict[str, int]]) -> dict[str, Any]:
     limits = server.omni.manager.running.limits
     for stage, stage_limits, stage_stats in zip(server.omni.stages, limits, stats, strict=True):
         entry = {"stage_id": stage.stage_id, "kind": stage.engine_type, "model": stage.model_path,
-                 "final_output": stage.final_output, "limits": _as_json(stage_limits),
-                 "stats": stage_stats}  # fmt: skip
+                 "final_output": stage.final_output, "replicas": stage.replicas,
+                 "limits": _as_json(stage_limits), "stats": stage_stats}  # fmt: skip
         if stage.dit_config is not None:
             entry["executor"] = stage_stats["executor"]  # what runs, as the stage reports it
         stages.append(entry)

@@ -5,10 +5,11 @@ Three sources, named the way vLLM names its own (``vllm:`` there, ``vllm_omni:``
 - the server process: generation requests by endpoint and outcome, their latency, rejected requests
   (:class:`RequestMetricsMiddleware`, a pure ASGI middleware: Starlette's ``BaseHTTPMiddleware`` would hide
   a client's disconnect from the route, which must abort the request);
-- every stage: its ``StageMetrics`` (one ``GetMetrics`` round trip per stage per scrape): running batch,
-  queue depth, step latency, failed requests, a dit stage's conditioning cache; labels ``stage``, ``kind``;
+- every stage replica: its ``StageMetrics`` (one ``GetMetrics`` round trip per replica per scrape): running
+  batch, queue depth, step latency, failed requests, a dit stage's conditioning cache; labels ``stage``,
+  ``kind``, ``replica``;
 - every ``ar`` stage whose engine logs stats: vLLM's own ``vllm:*`` metrics of that engine, recorded by
-  vLLM in the stage's process, with a ``stage`` label added (:func:`merge_families`).
+  vLLM in the stage's process, with ``stage`` and ``replica`` labels added (:func:`merge_families`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ OUTCOMES = ("ok", "4xx", "5xx", "aborted")
 REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                            120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
 """vLLM's buckets of ``vllm:e2e_request_latency_seconds``."""
-STAGE_LABELS = ["stage", "kind"]
+STAGE_LABELS = ["stage", "kind", "replica"]
 
 
 class ServerMetrics:
@@ -147,27 +148,28 @@ def add_request_metrics(app: FastAPI) -> None:
 
 
 async def metrics_response(omni: AsyncOmniLLM, metrics: ServerMetrics) -> Response:
-    """The ``/metrics`` response: the server's, every stage's and vLLM's own metrics. Stages of a pipeline
-    that is dead report nothing (``/health`` says why)."""
-    stages = omni.stages
-    reported = await asyncio.gather(*(_stage_metrics(omni, stage.stage_id) for stage in stages))
-    live = [(stage, m) for stage, m in zip(stages, reported, strict=True) if m is not None]
-    vllm_texts = [({"stage": str(stage.stage_id)}, m.vllm_metrics) for stage, m in live if m.vllm_metrics]
+    """The ``/metrics`` response: the server's, every stage replica's and vLLM's own metrics. Replicas that
+    ended, and every stage of a pipeline that is dead, report nothing (``/health`` says why)."""
+    replicas = [(stage, replica) for stage in omni.stages for replica in range(stage.replicas)]
+    reported = await asyncio.gather(*(_stage_metrics(omni, stage.stage_id, r) for stage, r in replicas))
+    live = [(stage, r, m) for (stage, r), m in zip(replicas, reported, strict=True) if m is not None]
+    vllm_texts = [({"stage": str(stage.stage_id), "replica": str(r)}, m.vllm_metrics)
+                  for stage, r, m in live if m.vllm_metrics]  # fmt: skip
     families = [*metrics.registry.collect(), *stage_families(live), *merge_families(vllm_texts)]
     body = generate_latest(types.SimpleNamespace(collect=lambda: families))
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
-async def _stage_metrics(omni: AsyncOmniLLM, stage_id: int) -> StageMetrics | None:
+async def _stage_metrics(omni: AsyncOmniLLM, stage_id: int, replica: int) -> StageMetrics | None:
     try:
-        return await omni.stage_metrics(stage_id)
+        return await omni.stage_metrics(stage_id, replica)
     except OmniStageError:
         return None
 
 
-def stage_families(stages: Iterable[tuple[OmniStageConfig, StageMetrics]]) -> list[Metric]:
-    """The per-stage metric families (labels ``stage``, ``kind``); a value the stage does not know (None)
-    has no sample."""
+def stage_families(stages: Iterable[tuple[OmniStageConfig, int, StageMetrics]]) -> list[Metric]:
+    """The per-replica metric families (labels ``stage``, ``kind``, ``replica``) of ``(stage, replica,
+    metrics)``; a value the replica does not know (None) has no sample."""
     running = GaugeMetricFamily(
         "vllm_omni:stage_num_requests_running",
         "Requests in the stage engine's running batch.",
@@ -196,8 +198,8 @@ def stage_families(stages: Iterable[tuple[OmniStageConfig, StageMetrics]]) -> li
         "Conditioning-cache lookups that found the encoding (the text encoder did not run).",
         labels=STAGE_LABELS,
     )
-    for stage, m in stages:
-        labels = [str(stage.stage_id), stage.engine_type]
+    for stage, replica, m in stages:
+        labels = [str(stage.stage_id), stage.engine_type, str(replica)]
         values = [(running, m.num_running), (waiting, m.num_waiting), (failed, m.num_failed_requests),
                   (queries, m.conditioning_cache_queries), (hits, m.conditioning_cache_hits)]  # fmt: skip
         for family, value in values:
