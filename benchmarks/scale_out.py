@@ -1,0 +1,87 @@
+"""Scaling a pipeline out, measured side by side in one run.
+
+replicas: a DiT-bound pipeline (one tiny SD3 stage at --size px, --steps steps) serving --requests requests
+(a seed each) in one ``OmniLLM.generate`` call: 2 replicas with a core each (``cpus: ["0", "1"]``) against
+1 replica on one core (``cpus: "0"``), goal >= 1.7x images/s; and, for reference, 1 replica on both cores
+(two OpenMP threads: what the machine gives one engine without replicas). All pipelines are up at once and
+idle between turns; each round runs them in a rotated order. Numbers are medians over --rounds.
+
+Usage: python benchmarks/scale_out.py [--quick] [--rounds 3] [--requests 32] [--size 64] [--steps 8]
+--quick: one round of 4 requests at 2 steps (a smoke run; its numbers are not the measurement).
+Run the full one on a quiet machine: other processes on the 2 cores move every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from vllm_omni import OmniLLM, create_dit_stage_config
+from vllm_omni.testing.tiny_models import tiny_model_path
+
+CONTENDERS = {  # name -> (replicas, cpus)
+    "1 replica, 1 core": (1, "0"),
+    "2 replicas, 1 core each": (2, ["0", "1"]),
+    "1 replica, 2 cores": (1, "0,1"),
+}
+
+
+def images_per_second(omni: OmniLLM, args, first_seed: int) -> float:
+    seeds = range(first_seed, first_seed + args.requests)
+    prompts = [f"a lighthouse at night, number {seed}" for seed in seeds]
+    start = time.perf_counter()
+    outputs = omni.generate(prompts, [{"seed": seed} for seed in seeds], use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    failed = [o.error for o in outputs if o.error is not None]
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests failed, the first with {failed[0]}")
+    return args.requests / elapsed
+
+
+def replicas(args) -> None:
+    dit = dict(num_inference_steps=args.steps, height=args.size, width=args.size)
+    sd3 = tiny_model_path("sd3")
+    pipelines = {
+        name: OmniLLM([create_dit_stage_config(0, sd3, replicas=count, cpus=cpus, **dit)])
+        for name, (count, cpus) in CONTENDERS.items()
+    }
+    rates: dict[str, list[float]] = {name: [] for name in pipelines}
+    try:
+        for omni in pipelines.values():  # warm-up: first steps allocate, first prompts fill nothing yet
+            images_per_second(omni, argparse.Namespace(requests=2), 10**9)
+        names = list(pipelines)
+        for round_index in range(args.rounds):
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                rates[name].append(images_per_second(pipelines[name], args, round_index * args.requests))
+    finally:
+        for omni in pipelines.values():
+            omni.close()
+    report(args, {name: statistics.median(values) for name, values in rates.items()})
+
+
+def report(args, rates: dict[str, float]) -> None:
+    base = rates["1 replica, 1 core"]
+    print(f"replicas: tiny SD3 {args.size}x{args.size}, {args.steps} steps, {args.requests} requests, "
+          f"one generate call (median of {args.rounds}):")  # fmt: skip
+    for name, rate in rates.items():
+        goal = " (goal >= 1.7)" if name == "2 replicas, 1 core each" else ""
+        print(f"  {name:26s} {rate:7.2f} images/s = {rate / base:.2f}x 1 replica on 1 core{goal}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the smallest run that prints every row")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.requests, args.steps = 1, 4, 2
+    replicas(args)
+
+
+if __name__ == "__main__":
+    main()
