@@ -12,8 +12,9 @@ pipeline call, and jumps to the next arrival when nothing is ready. Diffusers se
 when it has arrived and the previous one is done; hand-batched starts a batch when its last request has
 arrived. Each interval runs --repeats times (interleaved); the medians are printed.
 
-Usage: python benchmarks/dit_engine.py [--family sd3|z_image] [--size 64] [--steps 20] [--requests 16]
-       [--intervals 0,0.25,1]
+Usage: python benchmarks/dit_engine.py [--quick] [--family sd3|z_image] [--size 64] [--steps 20]
+       [--requests 16] [--intervals 0,0.25,1]
+--quick: 32x32, 2 steps, 4 requests in batches of 2, intervals 0 and 1, one repeat (seconds).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import itertools
 import time
 
+import harness
 import numpy as np
 import torch
 
@@ -93,8 +95,10 @@ def compare_single(engine: DiffusionEngine, pipe, args) -> float:
     for seed in range(100, 100 + args.repeats * 3):
         ours.append(timed(lambda seed=seed: drain(engine, args, [(0, seed)]))[0])
         theirs.append(timed(lambda seed=seed: diffusers_call(pipe, args, [f"prompt {seed}"], [seed]))[0])
+    ratio = np.median(ours) / np.median(theirs)
     print(f"single      diffusers {np.median(theirs):.3f}s  ours {np.median(ours):.3f}s  "
-          f"ratio ours/diffusers {np.median(ours) / np.median(theirs):.3f}")  # fmt: skip
+          f"ratio ours/diffusers {ratio:.3f}")  # fmt: skip
+    harness.headline("single-request latency, ours / diffusers", ratio, "<= 1.05")
     return float(np.min(theirs))
 
 
@@ -108,6 +112,8 @@ def compare_streams(engine: DiffusionEngine, pipe, args, unit: float) -> None:
         print(f"stream      interval {interval:g}x  img/s: ours {ours_tp:.2f}  sequential {seq_tp:.2f}  "
               f"hand-batched {bat_tp:.2f}  ours/better {ours_tp / max(seq_tp, bat_tp):.2f}  | latency s: "
               f"ours {ours_lat:.2f}  sequential {seq_lat:.2f}  hand-batched {bat_lat:.2f}")  # fmt: skip
+        harness.headline(f"stream, interval {interval:g}x: throughput ours / better diffusers baseline",
+                         ours_tp / max(seq_tp, bat_tp))  # fmt: skip
 
 
 def timed(fn) -> tuple[float, object]:
@@ -149,7 +155,7 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threshold", type=float, default=0.1, help="first-block cache threshold")
-    args = parser.parse_args()
+    args = harness.parse_args(parser, size=32, steps=2, requests=4, batch=2, intervals=[0, 1], repeats=1)
     torch.set_grad_enabled(False)
     import diffusers
 
@@ -157,17 +163,24 @@ def main() -> None:
     pipe = diffusers.DiffusionPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
     engine = DiffusionEngine(path, DiTConfig(max_batch_size=args.batch))
-    n = args.requests
     print(f"family={args.family} size={args.size}x{args.size} steps={args.steps} guidance={args.guidance} "
-          f"requests={n} batch={args.batch} threads={torch.get_num_threads()}")  # fmt: skip
+          f"requests={args.requests} batch={args.batch} threads={torch.get_num_threads()}")  # fmt: skip
+    harness.config(f"tiny {args.family}, {args.size}x{args.size}, {args.steps} steps, {args.requests} "
+                   f"requests, batch {args.batch}, {args.repeats} repeats")  # fmt: skip
 
     diffusers_call(pipe, args, ["warm-up"], [0])
     drain(engine, args, [(0, 0)])
 
     unit = compare_single(engine, pipe, args)
     compare_streams(engine, pipe, args, unit)
+    compare_conditioning_cache(engine, path, args)
+    compare_step_cache(engine, path, args)
 
-    # Conditioning cache: the same prompts again hit the cache (set-up time only: one step of new requests).
+
+def compare_conditioning_cache(engine: DiffusionEngine, path: str, args) -> None:
+    """The same prompts again hit the cache: set-up time only (one step of new requests), uncached vs
+    ``engine`` (which has seen prompts 0..requests-1)."""
+    n = args.requests
     cold = DiffusionEngine(path, DiTConfig(max_batch_size=n, cache={"conditioning_cache_bytes": 0}))
     setup = {}
     for label, eng in (("off", cold), ("on", engine)):
@@ -182,8 +195,11 @@ def main() -> None:
     print(f"cond-cache  set-up of {n} requests: uncached {setup['off'] * 1e3:.1f} ms  cached "
           f"{setup['on'] * 1e3:.1f} ms  speedup {setup['off'] / setup['on']:.2f}  "
           f"hit rate {stats.hit_rate:.2f}")  # fmt: skip
+    harness.headline("conditioning cache: set-up uncached / cached", setup["off"] / setup["on"])
 
-    # Step cache: same requests with and without the first-block cache.
+
+def compare_step_cache(engine: DiffusionEngine, path: str, args) -> None:
+    """The same batch with and without the first-block cache: speedup and the worst PSNR."""
     step_cache = {"step_cache": "first_block", "step_cache_threshold": args.threshold}
     fbc = DiffusionEngine(path, DiTConfig(max_batch_size=args.batch, cache=step_cache))
     drain(fbc, args, [(0, 0)])
@@ -196,6 +212,8 @@ def main() -> None:
         f"step-cache  threshold {args.threshold}  speedup {t_plain / t_cached:.2f}  "
         f"worst PSNR {worst:.1f} dB  rows skipped {cache.skipped}/{cache.skipped + cache.computed}"
     )
+    harness.headline(f"first-block cache (threshold {args.threshold:g}): speedup", t_plain / t_cached)
+    harness.headline(f"first-block cache (threshold {args.threshold:g}): worst PSNR, dB", worst)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ measured); each run times ``--rounds`` batches and keeps the median. Prints requ
 median per configuration, the ratios off/stock and on/off, embedding bytes returned per request, and
 the peak RSS growth of the frontend + engine processes during the timed rounds.
 
-    .venv/bin/python benchmarks/mm_embedding_throughput.py [--requests 512] [--rounds 5] [--passes 3]
+    .venv/bin/python benchmarks/mm_embedding_throughput.py [--quick] [--requests 512] [--rounds 5]
+        [--passes 3]
+
+``--quick``: 16 requests, one round, one pass (three engine starts: about a minute on 2 cores).
 
 ``--profile`` measures the cost deterministically instead: each configuration runs one batch with
 the engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) under cProfile and reports Python function
@@ -29,6 +32,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import harness
 
 CONFIGS = {
     "stock": ({"VLLM_OMNI_DISABLE_PATCHES": "1"}, {}),
@@ -99,7 +104,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="default: the tiny LLaVA checkpoint")
     parser.add_argument("--profile", action="store_true", help="count calls instead of timing")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = harness.parse_args(parser, requests=16, rounds=1, passes=1)
     if args.child:
         result = run_config(args.model, json.loads(args.child), args.requests, args.rounds)
         print("RESULT " + json.dumps(result))
@@ -125,6 +130,10 @@ def main() -> None:
         )
     print(f"feature off vs stock vLLM: {rate['off'] / rate['stock']:.3f}x")
     print(f"feature on vs feature off: {rate['on'] / rate['off']:.3f}x")
+    harness.config(f"tiny LLaVA, {args.requests} image requests x {args.rounds} rounds, {args.passes} fresh "
+                   "engines per configuration, medians")  # fmt: skip
+    harness.headline("requests/s, feature off / stock vLLM", rate["off"] / rate["stock"])
+    harness.headline("requests/s, feature on / feature off", rate["on"] / rate["off"])
 
 
 def report_profile(model: str, args) -> None:

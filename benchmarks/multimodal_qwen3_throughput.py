@@ -10,7 +10,8 @@ tokens. The two engines run the same batch in alternating rounds; medians and th
 (goal >= 0.9).
 
 Usage: python benchmarks/multimodal_qwen3_throughput.py [--requests 64] [--text 64] [--items 4] [--rows 16]
-       [--max-tokens 32] [--rounds 3] [--hidden 512] [--layers 4]
+       [--max-tokens 32] [--rounds 3] [--hidden 512] [--layers 4] [--quick]
+--quick: the test checkpoints (hidden 64, 2 layers), 8 requests, 4 generated tokens, one round.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import harness
 import torch
 from vllm import LLM, SamplingParams
 
@@ -85,7 +87,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=512, help="LM hidden size (64 = the test checkpoint)")
     parser.add_argument("--layers", type=int, default=4)
-    args = parser.parse_args()
+    args = harness.parse_args(parser, requests=8, max_tokens=4, rounds=1, hidden=64, layers=2)
 
     from transformers import AutoConfig
 
@@ -111,6 +113,11 @@ def main() -> None:
           f"rounds={args.rounds}")  # fmt: skip
     print(f"throughput tokens/s (prompt + generated): plain Qwen3 {plain:.0f}  multimodal Qwen3 "
           f"{multimodal:.0f}  ratio multimodal/plain {multimodal / plain:.3f}")  # fmt: skip
+    harness.config(
+        f"random LM hidden {args.hidden}, {args.layers} layers; {args.requests} requests of "
+        f"{total} prompt positions, {args.max_tokens} generated, {args.rounds} rounds"
+    )
+    harness.headline("tokens/s, multimodal Qwen3 / plain Qwen3", multimodal / plain, ">= 0.9")
     for llm in engines.values():
         llm.llm_engine.engine_core.shutdown()
 
