@@ -13,6 +13,7 @@ STEP_CACHES = ("first_block",)
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 DEVICES = ("auto", "cpu", "cuda")
 EXECUTORS = ("auto", "native", "diffusers")
+COMPILE_MODES = ("auto", "on", "off")
 
 
 @dataclass
@@ -94,6 +95,12 @@ class DiTConfig:
     """Most requests queued behind the running batch; more are refused."""
     attention_backend: str = "sdpa"
     """``sdpa`` (PyTorch scaled-dot-product attention) or ``xformers`` (CUDA installs only)."""
+    compile: str = "auto"
+    """Native executor: compile the transformer's repeated blocks with ``torch.compile`` (inductor), the
+    running batch padded to bucket sizes 1, 2, 4, ... up to twice ``max_batch_size`` rows, each warmed up
+    at start. ``on``, ``off``, or ``auto``: on for CUDA, off for CPU (where the warm-up outweighs the gain;
+    docs/features/dit_engine.md, "Compiled blocks"). Where compiling fails the stage runs eagerly and
+    warns once."""
     cache: DiTCacheConfig = field(default_factory=DiTCacheConfig)
     """Conditioning and step caches."""
 
@@ -103,6 +110,7 @@ class DiTConfig:
         _require_choice(self.dtype, "DiTConfig.dtype", DTYPES)
         _require_choice(self.device, "DiTConfig.device", DEVICES)
         _require_choice(self.attention_backend, "DiTConfig.attention_backend", ATTENTION_BACKENDS)
+        _require_choice(self.compile, "DiTConfig.compile", COMPILE_MODES)
         self._check_executor()
         for name in ("max_height", "max_width", "max_batch_size", "max_waiting_requests"):
             _require(getattr(self, name) >= 1, f"DiTConfig.{name}", "an integer >= 1")
@@ -149,6 +157,12 @@ class DiTConfig:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def compile_on(self) -> bool:
+        """Whether the native executor compiles its blocks: :attr:`compile` with ``auto`` resolved."""
+        if self.compile != "auto":
+            return self.compile == "on"
+        return self.torch_device() == "cuda"
 
 
 def _require(ok: bool, name: str, allowed: str) -> None:

@@ -110,6 +110,9 @@ class DiTFamily:
     """Diffusers scheduler classes a request may pick."""
     blocks_attr: str
     """Attribute of the transformer holding its block list (where the step cache goes)."""
+    compiled_block_lists: tuple[str, ...]
+    """Attributes of the transformer holding its repeated block lists (what ``DiTConfig.compile``
+    compiles, as the transformer's own ``_repeated_blocks`` would name them)."""
     embeds_keys: tuple[str, ...] = ("prompt_embeds",)
     """Prompt keys of the tensors ``encode`` makes of one text, in order (``negative_`` + key: the negative
     prompt's); the pipeline's ``__call__`` arguments of the same names."""

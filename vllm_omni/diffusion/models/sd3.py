@@ -21,6 +21,7 @@ class SD3Family(DiTFamily):
     pipeline_classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
     samplers = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
     blocks_attr = "transformer_blocks"
+    compiled_block_lists = ("transformer_blocks",)
     embeds_keys = ("prompt_embeds", "pooled_prompt_embeds")
 
     @property

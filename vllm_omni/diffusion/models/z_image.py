@@ -26,6 +26,7 @@ class ZImageFamily(DiTFamily):
     pipeline_classes = ("ZImagePipeline", "ZImageImg2ImgPipeline")
     samplers = ("FlowMatchEulerDiscreteScheduler",)
     blocks_attr = "layers"
+    compiled_block_lists = ("noise_refiner", "context_refiner", "layers")
     embeds_as_list = True
 
     @property

@@ -34,6 +34,7 @@ class DiffusionEngine:
     def __init__(self, model_path: str, config: DiTConfig | None = None) -> None:
         self.config = config or DiTConfig()
         self.runner = OmniDiffusionModelRunner(model_path, self.config)
+        self.runner.warm_up()
         self.limits = self.runner.limits
         """What this stage accepts (``DiTLimits``: picklable, checkable without the model)."""
         self.scheduler = OmniDiffusionScheduler(

@@ -17,6 +17,7 @@ import torch
 
 from vllm_omni.config.dit import DiTConfig
 from vllm_omni.diffusion.cache_manager import DiTCacheManager, conditioning_key
+from vllm_omni.diffusion.compiled_blocks import CompiledBlocks, compile_unavailable, inductor_cache_dir
 from vllm_omni.diffusion.images import check_mask, image_size
 from vllm_omni.diffusion.limits import DiTLimits
 from vllm_omni.diffusion.models import DenoiseState, resolve_family
@@ -28,10 +29,13 @@ from vllm_omni.diffusion.request import (
     parse_prompt,
 )
 from vllm_omni.diffusion.step_cache import FirstBlockCache
+from vllm_omni.logger import init_logger
 from vllm_omni.transformers_utils.model_resolution import diffusers_folder, pipeline_class_name
 
 if TYPE_CHECKING:
     from vllm_omni.v1.core.sched.diffusion_scheduler import DiffusionSchedulerOutput
+
+logger = init_logger(__name__)
 
 DEFAULT_STRENGTH = 0.6  # diffusers' image-to-image default
 
@@ -68,6 +72,8 @@ class OmniDiffusionModelRunner:
         self.conditioning_cache = DiTCacheManager(
             cache.conditioning_cache_bytes, cache.conditioning_cache_policy
         )
+        self.compiled = self._compiled_blocks()
+        """The compiled transformer blocks (``DiTConfig.compile``); None: the blocks run eagerly."""
         self.step_cache = None
         if cache.step_cache == "first_block":
             transformer = self.family.transformer
@@ -75,6 +81,40 @@ class OmniDiffusionModelRunner:
                 transformer, self.family.blocks_attr, cache.step_cache_threshold
             )
         self.states: dict[str, DenoiseState] = {}
+
+    def _compiled_blocks(self) -> CompiledBlocks | None:
+        if not self.config.compile_on():
+            return None
+        unavailable = compile_unavailable(self.family.device)
+        if unavailable is not None:
+            logger.warning("DiT stage: transformer blocks run eagerly: %s (DiTConfig.compile=%r)",
+                           unavailable, self.config.compile)  # fmt: skip
+            return None
+        rows = 2 * self.config.max_batch_size  # guided requests take two rows
+        return CompiledBlocks(self.family.transformer, self.family.compiled_block_lists, rows)
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compile the blocks for every bucket now (one forward per batch size at the stage's default image
+        size), logging the time; where compiling fails, run the blocks eagerly and warn."""
+        if self.compiled is None:
+            return
+        started = time.monotonic()
+        params = DiffusionSamplingParams(num_inference_steps=1, guidance_scale=0.0, seed=0)
+        request = self.make_request("warm-up", "", params)
+        state = self.family.prepare(request, *self._conditioning_of(request, self._conditioning([""])))
+        try:
+            for size in self.compiled.buckets:
+                self.family.predict([state] * size)
+        except Exception as exc:  # no C++ compiler, an op inductor cannot lower, ...
+            self.compiled.disable()
+            self.compiled = None
+            logger.warning("DiT stage: compiling the transformer blocks failed, they run eagerly (%s: %s)",
+                           type(exc).__name__, exc)  # fmt: skip
+            return
+        logger.info("DiT stage: compiled transformer blocks warmed up for batch sizes %s at %dx%d in %.1f s "
+                    "(inductor cache %s)", list(self.compiled.buckets), request.width, request.height,
+                    time.monotonic() - started, inductor_cache_dir())  # fmt: skip
 
     # ---- validation --------------------------------------------------------------------------------
     def make_request(self, request_id: str, prompt: Any, params: DiffusionSamplingParams) -> DiffusionRequest:
