@@ -247,7 +247,8 @@ def test_help_all_lists_every_flag_with_vllms_engine_flags(capsys):
         omni_cli_main(["serve", "--omni", "--help=all"])
     shown = capsys.readouterr().out
     for flag in ("--dit-steps", "--api-key", "--chat-template", "--max-model-len", "--dtype",
-                 "--enable-return-mm-embedding", "--return-prompt-hidden-states"):  # fmt: skip
+                 "--enable-return-mm-embedding", "--return-prompt-hidden-states", "--uvicorn-log-level",
+                 "--disable-uvicorn-access-log"):  # fmt: skip
         assert f"  {flag}" in shown, flag
 
 
@@ -300,7 +301,7 @@ def test_a_killed_replica_fails_its_requests_and_the_last_one_kills_the_pipeline
         f"stages:\n- {{stage_id: 0, engine_type: dit, model_path: {tiny_model_path('sd3')}, replicas: 2,\n"
         "   dit_config: {num_inference_steps: 2, height: 32, width: 32}}\n"
     )
-    with running_server(str(config), "--omni") as url:
+    with running_server(str(config), "--omni", "--disable-uvicorn-access-log") as url:
         first, second = sorted(_stage_processes(url), key=lambda p: p.pid)  # started in replica order
         slow = {"prompt": "slow", "params": {"0": {"num_inference_steps": 20_000}}}
         with concurrent.futures.ThreadPoolExecutor(1) as pool:

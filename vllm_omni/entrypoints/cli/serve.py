@@ -92,6 +92,9 @@ def _add_pipeline_args(group: Any) -> None:
     group.add_argument("--dit-size", type=_size, metavar="WxH", help="dit stages: default image size")
 
 
+UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
 def _add_server_args(group: Any) -> None:
     group.add_argument("--host", default=SERVER_DEFAULTS["host"], help="address to listen on")
     group.add_argument("--port", type=int, default=SERVER_DEFAULTS["port"], help="port to listen on")
@@ -100,6 +103,15 @@ def _add_server_args(group: Any) -> None:
         "--max-queued-requests", type=_positive_int, default=256, metavar="N",
         help="requests the server holds at once (running or queued); more get 429 with Retry-After",
     )  # fmt: skip
+    group.add_argument(
+        "--uvicorn-log-level",
+        default="info",
+        choices=UVICORN_LOG_LEVELS,
+        help="uvicorn's log level (as vllm serve)",
+    )
+    group.add_argument(
+        "--disable-uvicorn-access-log", action="store_true", help="no log line per request (as vllm serve)"
+    )
 
 
 def stages_from_args(args: argparse.Namespace) -> list[OmniStageConfig]:

@@ -210,7 +210,8 @@ def run_server(args: argparse.Namespace, stages: list[OmniStageConfig]) -> None:
     signal.signal(signal.SIGTERM, lambda *_: None)
     signal.signal(signal.SIGINT, lambda *_: None)
     try:
-        uvicorn.run(build_app(server, args), host=args.host, port=args.port, log_level="info",
+        uvicorn.run(build_app(server, args), host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                    access_log=not args.disable_uvicorn_access_log,
                     timeout_graceful_shutdown=DRAIN_TIMEOUT_SECONDS)  # fmt: skip
     finally:
         omni.shutdown()
