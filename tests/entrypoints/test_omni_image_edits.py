@@ -235,8 +235,8 @@ def test_a_mask_on_a_pipeline_without_inpainting_is_400_naming_it():
         response = requests.post(f"{url}/v1/images/edits", files=form, timeout=60)
     _assert_refused(response, "mask")
     assert response.json()["error"]["message"] == (
-        "stage 0 (dit) (PixArtSigmaPipeline) does not inpaint: diffusers has no inpainting pipeline for it; "
-        "send no mask"
+        "stage 0 (dit): mask: PixArtSigmaPipeline does not inpaint (diffusers has no inpainting pipeline for "
+        "it); send no mask"
     )
 
 

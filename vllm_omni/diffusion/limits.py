@@ -120,12 +120,17 @@ class DiTLimits:
             raise ValueError(f"latents: {_NO_LATENTS_IN} ({self.name})")
         if params.denoising_start is not None and not has_latents:
             raise ValueError("denoising_start continues given latents: pass them as prompt['latents']")
-        if has_mask and not self.inpainting:
+        if has_mask:
+            self.check_inpainting("mask_image")
+        self.check_size(height, width)
+
+    def check_inpainting(self, field: str) -> None:
+        """Refuse a mask (the request's ``field``) when the stage does not inpaint."""
+        if not self.inpainting:
             raise ValueError(
-                f"mask_image: {self.name} does not inpaint (diffusers has no inpainting pipeline for it); "
+                f"{field}: {self.name} does not inpaint (diffusers has no inpainting pipeline for it); "
                 "send no mask"
             )
-        self.check_size(height, width)
 
     def check_size(self, height: int | None, width: int | None) -> None:
         """Refuse a height or width that is not a multiple of ``size_factor`` or above the maximum (None:

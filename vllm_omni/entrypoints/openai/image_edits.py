@@ -149,13 +149,14 @@ def _check_pipeline(stages: list[OmniStageConfig]) -> None:
 
 
 def _check_inpainting(stages: list[OmniStageConfig], limits: list[Any]) -> None:
-    """A mask goes to the first stage, the dit stage (``_check_pipeline``): it must inpaint."""
-    if stages[0].engine_type == "dit" and not limits[0].inpainting:
-        raise ImageRequestError(
-            "mask",
-            f"{stages[0].label} ({limits[0].name}) does not inpaint: diffusers has no inpainting pipeline "
-            "for it; send no mask",
-        )
+    """A mask goes to the first stage, the dit stage (``_check_pipeline``): it must inpaint. (A pipeline
+    without a dit stage is refused later, as for generations.)"""
+    if stages[0].engine_type != "dit":
+        return
+    try:
+        limits[0].check_inpainting("mask")
+    except ValueError as error:
+        raise ImageRequestError("mask", f"{stages[0].label}: {error}") from None
 
 
 async def _decode(upload: UploadFile, param: str, open_image: Callable[[bytes], Image.Image]) -> Image.Image:
