@@ -44,10 +44,11 @@ if [[ "$target" == cpu ]]; then
   "${pip[@]}" --no-deps -r "$root/requirements/cpu.txt" packaging
   "$py" "$root/scripts/runtime_requirements.py" "$root/requirements/cpu.txt" > "$venv/cpu-runtime.txt"
   "${pip[@]}" -r "$venv/cpu-runtime.txt" -r "$root/requirements/common.txt" \
-    -r "$root/requirements/test.txt" --constraint "$root/requirements/cpu.txt"
+    -r "$root/requirements/test.txt" -r "$root/requirements/ray.txt" \
+    --constraint "$root/requirements/cpu.txt"
 else
   "${pip[@]}" -r "$root/requirements/cuda.txt" -r "$root/requirements/common.txt" \
-    -r "$root/requirements/test.txt"
+    -r "$root/requirements/test.txt" -r "$root/requirements/ray.txt"
 fi
 "${pip[@]}" --no-deps -e "$root"
 

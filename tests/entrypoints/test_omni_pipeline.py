@@ -14,6 +14,7 @@ from vllm_omni import (
 )
 from vllm_omni.config.dit import DiTConfig
 from vllm_omni.diffusion.request import DiffusionSamplingParams
+from vllm_omni.pipeline.stage_input import tokenizer_source
 from vllm_omni.testing.tiny_models import tiny_model_path
 from vllm_omni.v1.engine.diffusion_engine import create_diffusion_engine
 
@@ -108,3 +109,10 @@ def test_a_prompt_the_first_stage_refuses_fails_the_call_naming_the_stage(omni):
         omni.generate([{"prompt": "fine"}, too_long], use_tqdm=False)
     assert omni.stage_stats(0)["unfinished"] == 0  # all or none: the good prompt did not run either
     assert omni.generate({"prompt": "fine"}, use_tqdm=False)[0].error is None
+
+
+def test_stage_inputs_use_the_tokenizer_vllm_picks_for_the_stage():
+    stage = create_ar_stage_config(0, "org/model", revision="v1")
+    assert tokenizer_source(stage) == ("org/model", "v1")
+    stage = create_ar_stage_config(0, "org/model", revision="v1", tokenizer="org/tok", tokenizer_revision="t2")
+    assert tokenizer_source(stage) == ("org/tok", "t2")

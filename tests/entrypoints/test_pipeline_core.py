@@ -59,7 +59,7 @@ def test_a_new_kind_runs_in_a_pipeline_and_tensors_reach_the_next_stage_uncopied
         assert torch.equal(out.latents, torch.arange(MIB, dtype=torch.float32))
         assert out.stage_outputs[1].handoff_seconds > 0
         assert (
-            segments(omni.manager.running.prefix) == []
+            segments(omni.manager.running.codec.prefix) == []
         )  # kept, passed on, or unlinked: nothing left behind
     finally:
         omni.close()

@@ -113,11 +113,11 @@ def test_closing_one_pipeline_leaves_another_pipelines_tensors_alone():
     stage = create_dit_stage_config(0, tiny_model_path("sd3"), num_inference_steps=2, height=32, width=32)
     first, second = OmniLLM([stage], shm_threshold=1), OmniLLM([stage], shm_threshold=1)
     try:
-        assert first.manager.running.prefix != second.manager.running.prefix
+        assert first.manager.running.codec.prefix != second.manager.running.codec.prefix
         first.close()
         out = second.generate("a cat", {"seed": 1, "return_latents": True}, use_tqdm=False)[0]
         assert out.error is None and out.latents is not None  # the latents came through shared memory
-        assert segments(second.manager.running.prefix) == []  # consumed on arrival
+        assert segments(second.manager.running.codec.prefix) == []  # consumed on arrival
     finally:
         second.close()
 

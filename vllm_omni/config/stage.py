@@ -52,6 +52,11 @@ class OmniStageConfig:
     """CPU placement: the cores the stage's processes run on, in vLLM's format (``"0-3"``, ``"4,6"``):
     their affinity, one OpenMP thread per core, vLLM's ``VLLM_CPU_OMP_THREADS_BIND``; a list gives each
     replica its own (one entry per replica); ``None``: all."""
+    resources: dict[str, float] | None = None
+    """With the Ray launcher, what each replica's actor asks of the cluster: ``num_cpus``, ``num_gpus``,
+    ``memory`` (bytes) and custom resources (``ray start --resources``; Ray's ``node:<ip>`` pins a node).
+    Defaults: a CPU per core of ``cpus`` (else 1), a GPU per id of ``devices`` (else 0; Ray picks which).
+    Local processes ignore it."""
 
     def __post_init__(self) -> None:
         where = f"stage {self.stage_id}"
@@ -78,6 +83,7 @@ class OmniStageConfig:
         if self.source_stage is not None and not 0 <= self.source_stage < self.stage_id:
             raise ValueError(f"{where}: source_stage must be an earlier stage, got {self.source_stage}")
         self._check_replicas(where)
+        self._check_resources(where)
         kind.check_config(self)  # the kind's own fields
 
     def _check_replicas(self, where: str) -> None:
@@ -94,6 +100,14 @@ class OmniStageConfig:
             cpus = _entry(self.cpus, replica)
             if cpus is not None:
                 parse_cpu_list(cpus, f"{where}: cpus")
+
+    def _check_resources(self, where: str) -> None:
+        resources = self.resources or {}
+        if not isinstance(resources, dict) or not all(
+            isinstance(key, str) and isinstance(value, (int, float)) and value >= 0
+            for key, value in resources.items()
+        ):
+            raise ValueError(f"{where}: resources must map resource names to numbers >= 0, got {resources!r}")
 
     def for_replica(self, replica: int) -> OmniStageConfig:
         """The config one replica's process runs: ``devices`` and ``cpus`` its own entries."""
@@ -131,7 +145,17 @@ def parse_cpu_list(text: str, where: str = "cpus") -> list[int]:
 
 
 def load_stage_configs(path: str | Path) -> list[OmniStageConfig]:
-    """The stages of a YAML pipeline file: a ``stages`` list of :class:`OmniStageConfig` fields.
+    """The stages of a YAML pipeline file (``load_pipeline_file``)."""
+    return load_pipeline_file(path)[0]
+
+
+PIPELINE_LAUNCHERS = ("local", "ray")
+"""What a pipeline file's ``launcher`` may name (``vllm_omni.pipeline.launcher.make_launcher``)."""
+
+
+def load_pipeline_file(path: str | Path) -> tuple[list[OmniStageConfig], str | None]:
+    """The stages of a YAML pipeline file, a ``stages`` list of :class:`OmniStageConfig` fields, and its
+    ``launcher`` (``local`` or ``ray``; None when it names none).
 
     ``$VAR`` / ``${VAR}`` in a ``model_path`` is replaced by the environment variable's value.
     """
@@ -141,9 +165,12 @@ def load_stage_configs(path: str | Path) -> list[OmniStageConfig]:
         document = yaml.safe_load(f)
     if not isinstance(document, dict) or not isinstance(document.get("stages"), list):
         raise ValueError(f"{path}: a pipeline file holds a 'stages' list of stage configs")
-    unknown = sorted(set(document) - {"stages"})
+    unknown = sorted(set(document) - {"stages", "launcher"})
     if unknown:
-        raise ValueError(f"{path}: unknown top-level key(s) {unknown}; allowed: ['stages']")
+        raise ValueError(f"{path}: unknown top-level key(s) {unknown}; allowed: ['launcher', 'stages']")
+    launcher = document.get("launcher")
+    if launcher is not None and launcher not in PIPELINE_LAUNCHERS:
+        raise ValueError(f"{path}: launcher must be one of {list(PIPELINE_LAUNCHERS)}, got {launcher!r}")
     stages = []
     for position, entry in enumerate(document["stages"]):
         if not isinstance(entry, dict):
@@ -152,7 +179,7 @@ def load_stage_configs(path: str | Path) -> list[OmniStageConfig]:
         if isinstance(entry.get("model_path"), str):
             entry["model_path"] = os.path.expandvars(entry["model_path"])
         stages.append(from_known_keys(OmniStageConfig, entry, where))
-    return stages
+    return stages, launcher
 
 
 def create_ar_stage_config(
@@ -167,13 +194,14 @@ def create_ar_stage_config(
     replicas: int = 1,
     devices: str | list[str] | None = None,
     cpus: str | list[str] | None = None,
+    resources: dict[str, float] | None = None,
     **engine_args: Any,
 ) -> OmniStageConfig:
     """An ``ar`` stage; ``engine_args`` are ``vllm.EngineArgs`` fields (e.g. ``max_model_len=512``)."""
     return OmniStageConfig(
         stage_id, "ar", model_path, input_modalities or ["text"], output_modalities,
         engine_args=engine_args, final_output=final_output, source_stage=source_stage,
-        stage_input=stage_input, replicas=replicas, devices=devices, cpus=cpus,
+        stage_input=stage_input, replicas=replicas, devices=devices, cpus=cpus, resources=resources,
     )  # fmt: skip
 
 
@@ -189,11 +217,12 @@ def create_dit_stage_config(
     replicas: int = 1,
     devices: str | list[str] | None = None,
     cpus: str | list[str] | None = None,
+    resources: dict[str, float] | None = None,
     **dit_options: Any,
 ) -> OmniStageConfig:
     """A ``dit`` stage; ``dit_options`` are :class:`DiTConfig` fields (e.g. ``num_inference_steps=20``)."""
     return OmniStageConfig(
         stage_id, "dit", model_path, input_modalities or ["text"], output_modalities,
         dit_config=DiTConfig.from_dict(dit_options), final_output=final_output, source_stage=source_stage,
-        stage_input=stage_input, replicas=replicas, devices=devices, cpus=cpus,
+        stage_input=stage_input, replicas=replicas, devices=devices, cpus=cpus, resources=resources,
     )  # fmt: skip

@@ -9,7 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from vllm_omni.config.stage import OmniStageConfig, load_stage_configs
+from vllm_omni.config.stage import OmniStageConfig, load_pipeline_file
 from vllm_omni.entrypoints.omni_params import pipeline_params
 from vllm_omni.pipeline.outputs import OmniRequestOutput
 from vllm_omni.pipeline.stage_manager import StageManager
@@ -29,10 +29,12 @@ class OmniLLM:
     """
 
     def __init__(self, stages: Sequence[OmniStageConfig] | str | Path, **manager_options: Any) -> None:
-        """``stages``: the stage configs, or the path of a YAML pipeline file (``load_stage_configs``).
-        ``manager_options``: :class:`StageManager` options (``launcher``, ``shm_threshold``)."""
-        self.stages = load_stage_configs(stages) if isinstance(stages, (str, Path)) else list(stages)
-        self.manager = StageManager(self.stages, **manager_options)
+        """``stages``: the stage configs, or the path of a YAML pipeline file (``load_pipeline_file``).
+        ``manager_options``: :class:`StageManager` options (``launcher``: ``"local"``, ``"ray"`` or a
+        launcher object, by default the file's ``launcher``; ``shm_threshold``)."""
+        is_file = isinstance(stages, (str, Path))
+        self.stages, launcher = load_pipeline_file(stages) if is_file else (list(stages), None)
+        self.manager = StageManager(self.stages, **{"launcher": launcher, **manager_options})
         self._ids = count()
 
     def generate(

@@ -3,8 +3,9 @@
 A launcher starts a stage from its :class:`~vllm_omni.pipeline.stage_process.StageBootstrap` parts and
 returns a :class:`StageHandle`, through which the manager sends the stage its messages, watches it and
 stops it; the stage's messages arrive in the manager's queue as ``(tag, bytes)`` (``None`` when the
-stage is gone), tagged as the manager asked (a replica's slot). Another launcher (e.g. Ray actors on
-other machines) implements the same interface; docs/features/omni_pipelines.md describes how that maps.
+stage is gone), tagged as the manager asked (a replica's slot). The launcher also chooses how messages
+travel (its ``codec``: local processes pass large tensors in /dev/shm). ``RayLauncher``
+(``vllm_omni.pipeline.ray_launcher``, ``launcher="ray"``) runs each replica as a Ray actor.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import queue
 import subprocess
 import sys
 import threading
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 import psutil
 
-from vllm_omni.config.stage import OmniStageConfig, parse_cpu_list
+from vllm_omni.config.stage import PIPELINE_LAUNCHERS, OmniStageConfig, parse_cpu_list
 from vllm_omni.pipeline.channel import Channel, channel_pair
 from vllm_omni.pipeline.kinds import get_stage_kind
+from vllm_omni.pipeline.stage_io import MessageCodec, SharedMemoryCodec
 from vllm_omni.pipeline.stage_process import StageBootstrap
 
 CHILD_GRACE_SECONDS = 5.0
@@ -37,8 +39,8 @@ STAGE_COMMAND = "from vllm_omni.pipeline.stage_process import main; main()"
 class StageHandle(Protocol):
     """A running stage, as the manager sees it."""
 
-    def send(self, data: bytes) -> None:
-        """Queue a message (``stage_io.dumps`` bytes) for the stage."""
+    def send(self, data: Any) -> None:
+        """Queue a message (made by the launcher's codec) for the stage."""
         ...
 
     def is_alive(self) -> bool: ...
@@ -55,40 +57,49 @@ class StageHandle(Protocol):
 class StageLauncher(Protocol):
     """Starts stages."""
 
-    def launch(
-        self,
-        config: OmniStageConfig,
-        tag: int,
-        received: queue.Queue,
-        segment_prefix: str,
-        shm_threshold: int,
-    ) -> StageHandle:
-        """Start a process running ``config``'s stage; its messages go to ``received`` as ``(tag, bytes)``."""
+    def codec(self, threshold: int) -> MessageCodec:
+        """A new pipeline's codec: tensors of at least ``threshold`` bytes travel out of the messages."""
         ...
+
+    def launch(
+        self, config: OmniStageConfig, tag: int, received: queue.Queue, codec: MessageCodec
+    ) -> StageHandle:
+        """Start ``config``'s stage (one replica); its messages go to ``received`` as ``(tag, data)``."""
+        ...
+
+
+def make_launcher(launcher: StageLauncher | str | None) -> StageLauncher:
+    """The launcher an option names: ``None`` or ``"local"`` (local processes), ``"ray"`` (Ray actors on
+    the cluster ``ray.init()`` finds), or a launcher object as it is."""
+    if launcher is None or launcher == "local":
+        return LocalProcessLauncher()
+    if launcher == "ray":
+        from vllm_omni.pipeline.ray_launcher import RayLauncher
+
+        return RayLauncher()
+    if isinstance(launcher, str):
+        raise ValueError(f"unknown launcher {launcher!r}; choose one of {list(PIPELINE_LAUNCHERS)}")
+    return launcher
 
 
 class LocalProcessLauncher:
     """One local process per stage replica (the default launcher): a fresh interpreter, safe with CUDA."""
 
+    def codec(self, threshold: int) -> SharedMemoryCodec:
+        return SharedMemoryCodec(threshold)
+
     def launch(
-        self,
-        config: OmniStageConfig,
-        tag: int,
-        received: queue.Queue,
-        segment_prefix: str,
-        shm_threshold: int,
+        self, config: OmniStageConfig, tag: int, received: queue.Queue, codec: MessageCodec
     ) -> LocalProcess:
         ours, theirs = channel_pair()
-        bootstrap = StageBootstrap(
-            config, get_stage_kind(config.engine_type), theirs.fileno(), segment_prefix, shm_threshold
-        )
+        bootstrap = StageBootstrap(config, get_stage_kind(config.engine_type), theirs.fileno(), codec)
         process = subprocess.Popen(
             [sys.executable, "-c", STAGE_COMMAND],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             pass_fds=(theirs.fileno(),),
-            env=_stage_environment(config),
+            env={**os.environ, **stage_environment(config)},
             start_new_session=True,  # its own process group: the launcher stops the stage and all it
             # started; a terminal's Ctrl-C reaches only the manager, which shuts the stages down
         )
@@ -170,12 +181,11 @@ keeps both.
 """
 
 
-def _stage_environment(config: OmniStageConfig) -> dict[str, str]:
-    """Our environment plus the stage's placement and how its OpenMP threads wait."""
-    environment = dict(os.environ)
-    if not OPENMP_WAITING.keys() & environment.keys():
-        environment.update(OPENMP_WAITING)
-    if config.devices is not None:
+def stage_environment(config: OmniStageConfig, devices: bool = True) -> dict[str, str]:
+    """What a stage's process adds to the environment: how its OpenMP threads wait (unless set here), its
+    CPU placement and, with ``devices``, its devices (Ray assigns an actor's GPUs itself)."""
+    environment = {} if OPENMP_WAITING.keys() & os.environ.keys() else dict(OPENMP_WAITING)
+    if devices and config.devices is not None:
         environment["CUDA_VISIBLE_DEVICES"] = config.devices
     if config.cpus is not None:
         environment["VLLM_CPU_OMP_THREADS_BIND"] = config.cpus

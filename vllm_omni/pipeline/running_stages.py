@@ -14,9 +14,9 @@ import weakref
 from typing import Any
 
 from vllm_omni.config.stage import OmniStageConfig
-from vllm_omni.pipeline.launcher import LocalProcessLauncher, StageHandle, StageLauncher
+from vllm_omni.pipeline.launcher import StageHandle, StageLauncher, make_launcher
 from vllm_omni.pipeline.protocol import Shutdown, StageMessageType
-from vllm_omni.pipeline.stage_io import dumps, loads, new_segment_prefix, sweep
+from vllm_omni.pipeline.stage_io import MessageCodec
 
 STOP_TIMEOUT_SECONDS = 30.0
 """How long ``stop`` waits for a stage to exit cleanly before killing it."""
@@ -32,11 +32,14 @@ class RunningStages:
     """Every stage of a pipeline, started and ready."""
 
     def __init__(
-        self, stages: list[OmniStageConfig], launcher: StageLauncher | None, shm_threshold: int
+        self, stages: list[OmniStageConfig], launcher: StageLauncher | str | None, shm_threshold: int
     ) -> None:
-        """Start every stage and wait until all are ready (OmniStageError naming a stage that is not)."""
+        """Start every stage (``launcher``: see ``make_launcher``) and wait until all are ready
+        (OmniStageError naming a stage that is not)."""
         self.stages = stages
-        self.threshold, self.prefix = shm_threshold, new_segment_prefix()
+        launcher = make_launcher(launcher)
+        self.codec: MessageCodec = launcher.codec(shm_threshold)
+        """How the pipeline's messages travel (the launcher's choice)."""
         self.slots = [(stage.stage_id, replica) for stage in stages for replica in range(stage.replicas)]
         """``(stage_id, replica)`` of each slot."""
         self.handles: list[StageHandle] = []
@@ -44,21 +47,20 @@ class RunningStages:
         self.limits: list[Any] = [None] * len(stages)
         """What each stage accepts (its kind's limits object), as its replicas reported when ready."""
         self._received: queue.Queue = queue.Queue()
-        self.stop = weakref.finalize(self, _stop_all, self.handles, self.prefix)
+        self.stop = weakref.finalize(self, _stop_all, self.handles, self.codec)
         """Stop every stage and what it started, unlink the pipeline's segments (idempotent; also at exit)."""
         try:
             for slot, (stage_id, replica) in enumerate(self.slots):
                 config = stages[stage_id].for_replica(replica)
-                launcher = launcher or LocalProcessLauncher()
-                self.handles.append(launcher.launch(config, slot, self._received, self.prefix, shm_threshold))
+                self.handles.append(launcher.launch(config, slot, self._received, self.codec))
             self._wait_ready()
         except BaseException:
             self.stop()
             raise
 
     def send(self, slot: int, message: Any, forwarded: list[str] | None = None) -> None:
-        """Send ``message`` to a slot's replica (``forwarded``: see ``stage_io.dumps``)."""
-        self.handles[slot].send(dumps(message, self.threshold, self.prefix, forwarded))
+        """Send ``message`` to a slot's replica (``forwarded``: see ``MessageCodec``)."""
+        self.handles[slot].send(self.codec.dumps(message, forwarded))
 
     def receive(self, timeout: float) -> tuple[int, Any] | None:
         """The next ``(slot, message)`` (message None: the replica is gone), waiting up to ``timeout``."""
@@ -66,7 +68,7 @@ class RunningStages:
             slot, data = self._received.get(timeout=timeout) if timeout > 0 else self._received.get_nowait()
         except queue.Empty:
             return None
-        return slot, None if data is None else loads(data)
+        return slot, None if data is None else self.codec.loads(data)
 
     def slots_of(self, stage_id: int) -> list[int]:
         """The slots of a stage's replicas."""
@@ -104,10 +106,10 @@ class RunningStages:
                 raise OmniStageError(f"{label} failed to start:\n{message.error}{label} {how}")
 
 
-def _stop_all(handles: list[StageHandle], prefix: str) -> None:
+def _stop_all(handles: list[StageHandle], codec: MessageCodec) -> None:
     for handle in handles:
         if handle.is_alive():
-            handle.send(dumps(Shutdown()))
+            handle.send(codec.dumps(Shutdown()))
     for handle in handles:
         handle.stop(STOP_TIMEOUT_SECONDS)
-    sweep(prefix)
+    codec.sweep()

@@ -136,23 +136,32 @@ def generated_latents(data: StageInput) -> dict[str, Any]:
 def chat_template_ids(data: StageInput) -> dict[str, list[int]]:
     """The prompt text in the stage model's chat template, as token ids, the way a DiT with an LM text
     encoder (Z-Image, Qwen-Image) encodes it: a user turn, generation prompt, first 512 tokens kept."""
-    text = chat_prompt(data.stage.model_path, [{"role": "user", "content": data.text or ""}])
-    return {"prompt_token_ids": _tokenizer(data.stage.model_path)(text)["input_ids"][:DIT_TEXT_MAX_TOKENS]}
+    source = tokenizer_source(data.stage)
+    text = chat_prompt(*source, [{"role": "user", "content": data.text or ""}])
+    return {"prompt_token_ids": _tokenizer(*source)(text)["input_ids"][:DIT_TEXT_MAX_TOKENS]}
 
 
-def chat_prompt(model_path: str, messages: list[dict[str, str]]) -> str:
-    """``messages`` in the chat template of ``model_path``'s tokenizer, ready for the assistant's turn."""
-    tokenizer = _tokenizer(model_path)
+def chat_prompt(model: str, revision: str | None, messages: list[dict[str, str]]) -> str:
+    """``messages`` in the chat template of ``model``'s tokenizer (a folder, or a hub id at ``revision``),
+    ready for the assistant's turn."""
+    tokenizer = _tokenizer(model, revision)
     return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True, enable_thinking=True
     )
 
 
+def tokenizer_source(stage: OmniStageConfig) -> tuple[str, str | None]:
+    """``(model, revision)`` of an ``ar`` stage's tokenizer, as vLLM picks it: ``tokenizer`` else the
+    model, ``tokenizer_revision`` else ``revision``."""
+    args = stage.engine_args
+    return args.get("tokenizer") or stage.model_path, args.get("tokenizer_revision") or args.get("revision")
+
+
 @cache
-def _tokenizer(model_path: str) -> Any:
+def _tokenizer(model: str, revision: str | None) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_path)
+    return AutoTokenizer.from_pretrained(model, revision=revision)
 
 
 def default_stage_input(stage: OmniStageConfig, source: OmniStageConfig | None) -> str:

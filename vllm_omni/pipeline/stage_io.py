@@ -11,6 +11,9 @@ same handle instead of writing the bytes again; the next stage unlinks it. What 
 not pass on it unlinks itself (``unlink``). Names start with the pipeline's prefix, so ``sweep`` removes
 whatever a dead process left behind. Without a usable /dev/shm (absent, or full) a tensor is pickled
 inline. Everything else (text, token ids, PIL images) is pickled as usual.
+
+``SharedMemoryCodec`` bundles these for one pipeline (its prefix and threshold); it is the local
+launcher's :class:`MessageCodec`. Ray's launcher has its own (``vllm_omni.pipeline.object_store_io``).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import mmap
 import os
 import pickle
 import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -35,6 +39,45 @@ _SEGMENT_ATTR = "_omni_segment"  # on a tensor the manager mapped without unlink
 def new_segment_prefix() -> str:
     """A fresh name prefix for one pipeline's segments (this process's pid, then a random part)."""
     return f"vllm_omni_{os.getpid()}_{secrets.token_hex(4)}_"
+
+
+class MessageCodec(Protocol):
+    """How one pipeline's messages travel between the manager and its stages (both ends use it).
+
+    ``dumps`` makes what a stage handle sends; ``loads`` reads it. With ``keep`` (the manager) tensors are
+    loaded so that ``dumps`` passes them on without copying, and ``forwarded`` collects what was passed
+    on; what was kept and not passed on is ``release``d. ``sweep`` frees what dead processes left behind.
+    """
+
+    def dumps(self, message: Any, forwarded: list | None = None) -> Any: ...
+
+    def loads(self, data: Any, keep: list | None = None) -> Any: ...
+
+    def release(self, kept: list) -> None: ...
+
+    def sweep(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SharedMemoryCodec:
+    """Messages as bytes, large tensors in /dev/shm segments named with one pipeline's prefix."""
+
+    threshold: int = SHM_THRESHOLD_BYTES
+    """Tensors of at least this many bytes travel in shared memory."""
+    prefix: str = field(default_factory=lambda: new_segment_prefix())
+    """The pipeline's segment name prefix."""
+
+    def dumps(self, message: Any, forwarded: list[str] | None = None) -> bytes:
+        return dumps(message, self.threshold, self.prefix, forwarded)
+
+    def loads(self, data: bytes, keep: list[str] | None = None) -> Any:
+        return loads(data, keep)
+
+    def release(self, kept: list[str]) -> None:
+        unlink(kept)
+
+    def sweep(self) -> None:
+        sweep(self.prefix)
 
 
 class _Pickler(pickle.Pickler):

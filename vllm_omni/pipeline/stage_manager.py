@@ -4,11 +4,11 @@ The manager starts every stage through a launcher (local processes by default) a
 limits when it is ready. A request's params are checked against every stage's limits, and the pipeline's
 queue bounds, before the first stage gets it: a request a later stage would refuse costs no compute. When a
 stage finishes a request, the manager calls the next stage's stage-input function (outside its lock) and
-sends the result on; tensors pass through by their shared-memory handle, never copied here. Stages work on
-different requests at once. A stage with replicas gets each request on the replica with the fewest requests
-in it. A replica that dies fails the requests in it with an error naming it; the others keep serving, and
-when a stage has no replica left, every pending request fails and the pipeline is dead. ``shutdown``
-stops every process.
+sends the result on; tensors pass through by their handle (shared memory, Ray's object store), never
+copied here. Stages work on different requests at once. A stage with replicas gets each request on the
+replica with the fewest requests in it. A replica that dies fails the requests in it with an error naming
+it; the others keep serving, and when a stage has no replica left, every pending request fails and the
+pipeline is dead. ``shutdown`` stops every process.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from vllm_omni.pipeline.protocol import (
 )
 from vllm_omni.pipeline.running_stages import LIVENESS_SECONDS, OmniStageError, RunningStages
 from vllm_omni.pipeline.stage_input import StageInput, check_pipeline, get_stage_input, stage_input_of
-from vllm_omni.pipeline.stage_io import SHM_THRESHOLD_BYTES, loads, unlink
+from vllm_omni.pipeline.stage_io import SHM_THRESHOLD_BYTES
 from vllm_omni.pipeline.stage_metrics import StageMetrics
 
 __all__ = ["OmniQueueFullError", "OmniStageError", "StageManager"]
@@ -61,8 +61,8 @@ class _Request:
     """The request's id in that stage (fresh per hop: a late output of an earlier hop never matches)."""
     outputs: dict[int, Any] = field(default_factory=dict)
     """Stage outputs still held: final ones, and non-final ones a later stage reads."""
-    kept: list[str] = field(default_factory=list)
-    """Shared-memory segments of the last output, kept to pass on to the next stage."""
+    kept: list[Any] = field(default_factory=list)
+    """What the codec kept of the last output to pass on to the next stage (shared-memory segments)."""
 
 
 class StageManager:
@@ -75,15 +75,17 @@ class StageManager:
     def __init__(
         self,
         stages: Sequence[OmniStageConfig],
-        launcher: StageLauncher | None = None,
+        launcher: StageLauncher | str | None = None,
         shm_threshold: int = SHM_THRESHOLD_BYTES,
         keep_stage_outputs: bool = False,
     ) -> None:
         """Divide each GPU that ``ar`` and ``dit`` stages share (``memory_plan``), start every stage (they
         load in parallel) and wait until all are ready.
 
-        ``keep_stage_outputs``: also return the outputs of non-final stages (debugging); by default they are
-        freed once handed on.
+        ``launcher``: ``"local"`` (the default: local processes), ``"ray"`` (Ray actors) or a launcher object
+        (``vllm_omni.pipeline.launcher``). ``shm_threshold``: tensors of at least this many bytes travel
+        outside the messages (shared memory; Ray's object store). ``keep_stage_outputs``: also return the
+        outputs of non-final stages (debugging); by default they are freed once handed on.
         """
         self.stages = plan_memory(list(stages))
         check_pipeline(self.stages)
@@ -316,12 +318,12 @@ class StageManager:
     def _on_output(self, stage_id: int, news: StageOutput) -> None:
         request = self.requests.get(self._hops.get(news.request_id, ""))
         if request is None:  # aborted or failed meanwhile: drop it (and free its segments)
-            loads(news.payload)
+            self.running.codec.loads(news.payload)
             return
         stage, last = self.stages[stage_id], stage_id == len(self.stages) - 1
         hands_on = news.finished and news.error is None and not last
         kept: list[str] = []
-        output = loads(news.payload, keep=kept if hands_on else None)
+        output = self.running.codec.loads(news.payload, keep=kept if hands_on else None)
         request.outputs[stage_id] = output
         if stage.final_output or self.keep_stage_outputs:
             request.result.stage_outputs[stage_id] = output
@@ -366,7 +368,7 @@ class StageManager:
             message = error or f"{type(exc).__name__}: {exc}"
             self._end(request, error=f"{self.stages[stage_id].label}: stage input failed: {message}")
         finally:
-            unlink([name for name in kept if name not in forwarded])
+            self.running.codec.release([name for name in kept if name not in forwarded])
         for source, last_reader in self._last_reader.items():
             if last_reader <= stage_id and not self.stages[source].final_output:
                 request.outputs.pop(source, None)  # handed on for good
@@ -394,7 +396,7 @@ class StageManager:
     def _end(self, request: _Request, stage_id: int | None = None, error: str | None = None) -> None:
         """The request leaves the pipeline (done, failed or aborted)."""
         self._forget([request.result.request_id])
-        unlink(request.kept)
+        self.running.codec.release(request.kept)
         result = request.result
         result.stage_id, result.finished, result.error = stage_id, True, error
         self._updates.append(result)

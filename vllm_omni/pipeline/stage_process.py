@@ -9,6 +9,9 @@ The process leads a process group of its own (what it starts, e.g. vLLM's Engine
 launcher can stop them all; Ctrl-C at a terminal reaches only the manager, which shuts the stages down).
 When the manager is gone (its end of the channel closes) the stage stops at once, unlinking the
 pipeline's shared memory: a killed manager leaves nothing behind.
+
+``start_engine`` and ``serve`` (with ``StageLoop``) are the stage's life in any launcher: a Ray actor
+(``vllm_omni.pipeline.ray_launcher``) runs them too, over its own connection and codec.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 from vllm_omni.config.stage import OmniStageConfig, parse_cpu_list
 from vllm_omni.pipeline.channel import Channel
@@ -38,7 +41,7 @@ from vllm_omni.pipeline.protocol import (
     StageReply,
     StageStartFailed,
 )
-from vllm_omni.pipeline.stage_io import dumps, loads, sweep
+from vllm_omni.pipeline.stage_io import MessageCodec, SharedMemoryCodec
 from vllm_omni.pipeline.stage_metrics import StageMetrics, StepHistogram
 
 
@@ -51,10 +54,8 @@ class StageBootstrap:
     """The stage's kind, resolved in the manager's process (pickled by reference to its module)."""
     channel_fd: int
     """The inherited socket of the stage's end of the channel."""
-    segment_prefix: str
-    """The pipeline's shared-memory name prefix."""
-    shm_threshold: int
-    """Tensors of at least this many bytes travel in shared memory."""
+    codec: SharedMemoryCodec
+    """How the pipeline's messages travel (its shared-memory prefix and threshold)."""
 
 
 def main() -> None:
@@ -63,40 +64,67 @@ def main() -> None:
     bootstrap: StageBootstrap = pickle.load(sys.stdin.buffer)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     config = bootstrap.config
-    if config.cpus is not None:  # inherited by what the stage starts (vLLM's EngineCore, workers)
-        os.sched_setaffinity(0, parse_cpu_list(config.cpus))
+    pin_cpus(config)
     inbox: queue.Queue = queue.Queue()
     loading = [True]
     channel = Channel(socket.socket(fileno=bootstrap.channel_fd), inbox, on_closed=lambda: _orphaned(loading))
-
-    def dump(obj: object) -> bytes:
-        return dumps(obj, bootstrap.shm_threshold, bootstrap.segment_prefix)
-
-    try:
-        engine = bootstrap.kind.make_engine(config)
-    except BaseException:
-        loading[0] = False
-        channel.send(dump(StageStartFailed(config.stage_id, traceback.format_exc())))
+    engine = start_engine(config, bootstrap.kind, channel, bootstrap.codec)
+    loading[0] = False
+    if engine is None:
         channel.close()
         sys.exit(1)
-    loading[0] = False
-    channel.send(dump(StageReady(config.stage_id, engine.limits())))
     try:
-        orphaned = StageLoop(config.stage_id, engine, inbox, channel, dump).run()
+        orphaned = serve(config, engine, inbox, channel, bootstrap.codec)
+    finally:
+        channel.close()
+    if orphaned:  # nobody consumes the pipeline's segments any more
+        bootstrap.codec.sweep()
+
+
+def pin_cpus(config: OmniStageConfig) -> None:
+    """Run on the stage's ``cpus`` (inherited by what the stage starts: vLLM's EngineCore, workers)."""
+    if config.cpus is not None:
+        os.sched_setaffinity(0, parse_cpu_list(config.cpus))
+
+
+def start_engine(
+    config: OmniStageConfig, kind: StageKind, channel: Sender, codec: MessageCodec
+) -> StageEngine | None:
+    """Build the stage's engine and report it ready with its limits; None (and the traceback sent as
+    ``StageStartFailed``) when it fails."""
+    try:
+        engine = kind.make_engine(config)
     except BaseException:
-        channel.send(dump(StageFailed(config.stage_id, traceback.format_exc())))
+        channel.send(codec.dumps(StageStartFailed(config.stage_id, traceback.format_exc())))
+        return None
+    channel.send(codec.dumps(StageReady(config.stage_id, engine.limits())))
+    return engine
+
+
+def serve(
+    config: OmniStageConfig, engine: StageEngine, inbox: queue.Queue, channel: Sender, codec: MessageCodec
+) -> bool:
+    """Run the stage loop until told to stop (False) or the manager is gone (True), then close the engine;
+    an engine failure is reported (``StageFailed``) and raised."""
+    try:
+        return StageLoop(config.stage_id, engine, inbox, channel, codec).run()
+    except BaseException:
+        channel.send(codec.dumps(StageFailed(config.stage_id, traceback.format_exc())))
         raise
     finally:
         engine.close()
-        channel.close()
-    if orphaned:  # nobody consumes the pipeline's segments any more
-        sweep(bootstrap.segment_prefix)
 
 
 def _orphaned(loading: list[bool]) -> None:
     """The manager is gone: a stage still loading its engine stops with what it started, at once."""
     if loading[0]:
         os.killpg(0, signal.SIGKILL)
+
+
+class Sender(Protocol):
+    """The stage's end of its connection, as the loop uses it: a ``Channel``, or a Ray actor's outbox."""
+
+    def send(self, data: Any) -> None: ...
 
 
 class StageLoop:
@@ -108,21 +136,17 @@ class StageLoop:
     """
 
     def __init__(
-        self, stage_id: int, engine: StageEngine, inbox: queue.Queue, channel: Channel, dump: Callable
+        self, stage_id: int, engine: StageEngine, inbox: queue.Queue, channel: Sender, codec: MessageCodec
     ) -> None:
-        self.stage_id, self.engine, self.inbox, self.channel, self.dump = (
-            stage_id,
-            engine,
-            inbox,
-            channel,
-            dump,
-        )
+        """``inbox``: the manager's messages as ``(tag, data)`` items, data None when the manager is gone."""
+        self.stage_id, self.engine, self.inbox, self.channel = stage_id, engine, inbox, channel
+        self.codec = codec
         self.active: set[str] = set()
         self.step_seconds = StepHistogram()
         self.num_failed_requests = 0
 
     def send(self, message: object) -> None:
-        self.channel.send(self.dump(message))
+        self.channel.send(self.codec.dumps(message))
 
     def run(self) -> bool:
         """Serve until told to stop (returns False) or until the manager is gone (returns True)."""
@@ -155,7 +179,7 @@ class StageLoop:
             item = self.inbox.get(block=block)
             while True:
                 data = item[1]
-                messages.append(None if data is None else loads(data))
+                messages.append(None if data is None else self.codec.loads(data))
                 item = self.inbox.get_nowait()
         except queue.Empty:
             return messages
@@ -182,5 +206,6 @@ class StageLoop:
         self.num_failed_requests += sum(event.error is not None for event in events)
         self.active.difference_update(event.request_id for event in events if event.finished)
         if events:
-            outputs = [StageOutput(e.request_id, e.finished, e.error, self.dump(e.output)) for e in events]
+            dumps = self.codec.dumps
+            outputs = [StageOutput(e.request_id, e.finished, e.error, dumps(e.output)) for e in events]
             self.send(StageOutputs(self.stage_id, outputs))

@@ -189,12 +189,12 @@ def _rewrite_input(system_prompt: str | None) -> str | None:
     request's text as the user turn."""
     if system_prompt is None:
         return None
-    from vllm_omni.pipeline.stage_input import StageInput, chat_prompt, register_stage_input
+    from vllm_omni.pipeline.stage_input import StageInput, chat_prompt, register_stage_input, tokenizer_source
 
     @register_stage_input(SYSTEM_PROMPT_INPUT)
     def with_system_prompt(data: StageInput) -> dict[str, str]:
         turns = [{"role": "system", "content": system_prompt}, {"role": "user", "content": data.text or ""}]
-        return {"prompt": chat_prompt(data.stage.model_path, turns)}
+        return {"prompt": chat_prompt(*tokenizer_source(data.stage), turns)}
 
     return SYSTEM_PROMPT_INPUT
 
