@@ -290,7 +290,9 @@ def test_ar_to_dit_rewrites_the_prompt_with_the_system_prompt(qwen3_llm):
         body = {"prompt": "a red sunset", "params": {"0": greedy, "1": {"seed": 1}}}
         out = requests.post(f"{url}/generate", json=body, timeout=120).json()
     turns = [{"role": "system", "content": system}, {"role": "user", "content": "a red sunset"}]
-    expected = qwen3_llm.generate(chat_prompt(tiny_model_path("qwen3"), turns), SamplingParams(**greedy))
+    expected = qwen3_llm.generate(
+        chat_prompt(tiny_model_path("qwen3"), None, turns), SamplingParams(**greedy)
+    )
     assert out["text"] == expected[0].outputs[0].text == out["stages"]["0"]["text"]
     assert out["stages"]["0"]["num_generated_tokens"] == 8 and len(out["images"]) == 1
 
