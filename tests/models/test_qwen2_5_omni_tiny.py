@@ -1,6 +1,6 @@
 """The tiny Qwen2.5-Omni (``vllm_omni.testing.tiny_qwen2_5_omni``): transformers runs all three parts (text,
 and speech in either voice of ``spk_dict.pt``); vLLM's thinker generates transformers' greedy thinker tokens
-for text, image and audio prompts (float32), offline and served by hub id
+for text, image and audio prompts (float32), offline and served by hub id (image_url and input_audio parts)
 (``vllm serve Qwen/Qwen2.5-Omni-7B --omni`` on an offline HF_HOME holding the tiny checkpoint under that id).
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import openai
 import pytest
+import soundfile
 import torch
 from vllm import SamplingParams
 
@@ -163,9 +164,13 @@ def test_vllm_serve_the_hub_id_answers_chat_as_offline(hf_home, vllm_outputs):
     buffer = io.BytesIO()
     IMAGE.save(buffer, format="PNG")
     image_url = f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"
+    wav = io.BytesIO()
+    soundfile.write(wav, AUDIO, 16000, format="WAV", subtype="FLOAT")  # float samples: decoded exactly
+    audio = {"data": base64.b64encode(wav.getvalue()).decode(), "format": "wav"}
     chats = {
         "text": [{"role": "user", "content": "What is the capital of France?"}],  # plain string content
         "image": user("Describe the image.", {"type": "image_url", "image_url": {"url": image_url}}),
+        "audio": user("What is this sound?", {"type": "input_audio", "input_audio": audio}),
     }
     with running_server(MODEL_ID, "--omni", "--dtype", "float32") as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
