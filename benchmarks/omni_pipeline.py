@@ -10,11 +10,12 @@
    plain pickling; and the end-to-end latency of one request through the hidden-state pipeline (AR prompt
    hidden states -> tiny Z-Image at SIZE x SIZE, STEPS steps: the tiny model's own hand-off is far below
    4 MiB, hence the separate measurement). Overhead = hand-off / end-to-end latency. Goal < 2%.
-3. ar: the AR stage alone inside OmniLLM vs plain vllm.LLM on the same model and prompts, alternating
-   rounds (medians). Goal >= 0.97x.
+3. ar: the AR stage alone inside OmniLLM vs plain vllm.LLM on the same model and prompts (AR_REQUESTS of
+   64 prompt + 64 generated tokens), alternating rounds (medians). Goal >= 0.97x.
 
-Usage: python benchmarks/omni_pipeline.py [--only pipelining|handoff|ar] [--requests 16] [--rounds 3]
-       [--mib 4 64] [--size 128] [--steps 20]
+Usage: python benchmarks/omni_pipeline.py [--quick] [--only pipelining|handoff|ar] [--requests 16]
+       [--rounds 3] [--mib 4 64] [--size 128] [--steps 20] [--ar-requests 64]
+--quick: 4 requests, one round, a 4 MiB hand-off, 32 px and 2 steps, 4 AR requests (engine starts dominate).
 Run it on a quiet machine: other processes on the 2 cores move every number.
 """
 
@@ -26,6 +27,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+import harness
 
 from vllm_omni import OmniLLM, create_ar_stage_config, create_dit_stage_config
 from vllm_omni.testing.tiny_models import build_qwen3, tiny_model_path
@@ -74,6 +77,7 @@ def pipelining(args, qwen3: str) -> None:
     n = args.requests
     print(f"  AR stage alone {n / t_ar:.2f} req/s, DiT stage alone {n / t_dit:.2f} req/s")
     print(f"  pipeline {n / t_all:.2f} req/s = {slowest / t_all:.3f}x the slower stage (goal >= 0.9)")
+    harness.headline("pipelining: AR -> DiT throughput / the slower stage alone", slowest / t_all, ">= 0.9")
 
 
 # ---- 2. hand-off overhead --------------------------------------------------------------------------
@@ -102,6 +106,7 @@ def handoff(args) -> None:
         pickled = handoff_seconds(mib, 1 << 62, args.rounds * 5)
         print(f"  {mib:3d} MiB: shared memory {shm * 1e3:7.2f} ms (written once, passed on by name), "
               f"pickled through the channels {pickled * 1e3:7.2f} ms ({pickled / shm:.1f}x)")  # fmt: skip
+        harness.headline(f"hand-off of {mib} MiB: pickled / shared memory", pickled / shm)
     ar = create_ar_stage_config(0, tiny_model_path("qwen3"), ["text"], ["hidden_states"],
                                 stage_input="chat_template", prompt_hidden_states_layer=-2,
                                 **AR_ARGS)  # fmt: skip
@@ -116,17 +121,19 @@ def handoff(args) -> None:
     print(f"  hidden-state pipeline ({args.size}x{args.size}, {args.steps} steps) end-to-end latency "
           f"{latency * 1e3:.0f} ms per request; a {min(args.mib)} MiB hand-off = {share:.2f}% of it "
           "(goal < 2%)")  # fmt: skip
+    harness.headline(f"hand-off of {min(args.mib)} MiB / hidden-state pipeline latency, %", share, "< 2%")
 
 
 # ---- 3. AR stage cost ------------------------------------------------------------------------------
 def ar_stage(args, qwen3: str) -> None:
     from vllm import LLM, SamplingParams
 
-    prompts = [{"prompt_token_ids": list(range(10 + i, 74 + i))} for i in range(64)]
+    n = args.ar_requests
+    prompts = [{"prompt_token_ids": list(range(10 + i, 74 + i))} for i in range(n)]
     params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     omni = OmniLLM([create_ar_stage_config(0, qwen3, **AR_ARGS)])
     llm = LLM(qwen3, **AR_ARGS)
-    tokens = 64 * (64 + 64)
+    tokens = n * (64 + 64)
     ours, stock = [], []
     for _ in range(args.rounds + 1):  # the first round warms both up
         ours.append(tokens / timed(omni.generate, prompts, params, False)[0])
@@ -134,10 +141,11 @@ def ar_stage(args, qwen3: str) -> None:
     omni.close()
     llm.llm_engine.engine_core.shutdown()
     ours, stock = statistics.median(ours[1:]), statistics.median(stock[1:])
-    print(f"AR stage, 64 requests x (64 prompt + 64 generated) tokens (median of {args.rounds}):")
+    print(f"AR stage, {n} requests x (64 prompt + 64 generated) tokens (median of {args.rounds}):")
     print(
         f"  vllm.LLM {stock:.0f} tok/s, inside OmniLLM {ours:.0f} tok/s = {ours / stock:.3f}x (goal >= 0.97)"
     )
+    harness.headline("AR stage: tokens/s inside OmniLLM / vllm.LLM", ours / stock, ">= 0.97")
 
 
 def main() -> None:
@@ -152,7 +160,10 @@ def main() -> None:
     parser.add_argument("--mib", type=int, nargs="+", default=[4, 64], help="hand-off tensor sizes")
     parser.add_argument("--size", type=int, default=128, help="hand-off pipeline: image size")
     parser.add_argument("--steps", type=int, default=20, help="hand-off pipeline: denoising steps")
-    args = parser.parse_args()
+    parser.add_argument("--ar-requests", type=int, default=64, help="ar: requests per round")
+    args = harness.parse_args(parser, requests=4, rounds=1, mib=[4], size=32, steps=2, ar_requests=4)
+    harness.config(f"{args.requests} pipelined requests, {args.rounds} rounds, hand-off {args.mib} MiB, "
+                   f"Z-Image {args.size} px {args.steps} steps, {args.ar_requests} AR requests")  # fmt: skip
     args.ar_cpus, args.dit_cpus = args.ar_cpus or None, args.dit_cpus or None
     with tempfile.TemporaryDirectory() as tmp:
         qwen3 = small_qwen3(Path(tmp)) if args.only != "handoff" else ""

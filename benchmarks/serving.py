@@ -24,9 +24,9 @@ Numbers are medians over --rounds.
 Usage: python benchmarks/serving.py [--quick] [--only images|text] [--rounds 3] [--image-requests 128]
        [--concurrency 16 64] [--size 64] [--steps 4] [--stream-requests 10] [--text-requests 256]
        [--text-concurrency 1 16] [--input-len 64] [--output-len 32]
---quick: one round; 16 images from 16 clients; 3 streamed; 64 text requests, 16 in
-flight. Every row in about 2-3 minutes: a smoke run, its numbers are not the measurement. Run the full
-one on a quiet machine: other processes on the 2 cores move every number.
+--quick: one round; 8 images from 8 clients; 1 streamed; 16 text requests, 8 in flight. Every row in about
+2 minutes (four server starts): a smoke run, its numbers are not the measurement. Run the full one on a
+quiet machine: other processes on the 2 cores move every number.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import harness
 import httpx
 
 from vllm_omni.testing.server import ServerStartError, wait_healthy
@@ -233,10 +234,13 @@ def report_images(args, results: dict, ttfp: list[tuple[float, float]]) -> None:
         print(f"  HTTP, {concurrency:3d} concurrent clients       {rate:7.2f} images/s = "
               f"{rate / offline:.3f}x offline (goal >= 0.9); latency p50 {p50 * 1e3:.0f} ms, "
               f"p99 {p99 * 1e3:.0f} ms")  # fmt: skip
+        measure = f"images/s, HTTP with {concurrency} clients / offline OmniLLM"
+        harness.headline(measure, rate / offline, ">= 0.9")
     first = statistics.median(t for t, _ in ttfp)
     done = statistics.median(d for _, d in ttfp)
     print(f"  streamed (partial_images 1), one at a time: first partial image {first * 1e3:.0f} ms, "
           f"completed {done * 1e3:.0f} ms (median of {len(ttfp)})")  # fmt: skip
+    harness.headline("streamed image, one at a time: first partial image, ms", first * 1e3)
 
 
 # ---- 2. text ---------------------------------------------------------------------------------------
@@ -304,13 +308,18 @@ def report_text(args, concurrency: int, stock_runs: list[dict], omni_runs: list[
         note = TEXT_NOTES.get(key, "(lower is better)")
         ratio = f"{omni / stock:7.3f}x" if stock >= MIN_STOCK_VALUE else "    n/a "
         print(f"  {label:14s} {stock:9.2f} {omni:9.2f}  {ratio} {note}".rstrip())
+    stock, omni = (
+        statistics.median(run["output_throughput"] for run in runs) for runs in (stock_runs, omni_runs)
+    )
+    harness.headline(
+        f"text, {concurrency} in flight: output tok/s, omni / stock vllm serve", omni / stock, ">= 0.97"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="the smallest run that prints every row")
     parser.add_argument("--only", choices=("images", "text"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--image-requests", type=int, default=128)
@@ -328,10 +337,13 @@ def main() -> None:
     )
     parser.add_argument("--input-len", type=int, default=64, help="text: prompt tokens")
     parser.add_argument("--output-len", type=int, default=32, help="text: generated tokens")
-    args = parser.parse_args()
-    if args.quick:
-        args.rounds, args.image_requests, args.concurrency = 1, 16, [16]
-        args.stream_requests, args.text_requests, args.text_concurrency = 3, 64, [16]
+    args = harness.parse_args(parser, rounds=1, image_requests=8, concurrency=[8], stream_requests=1,
+                              text_requests=16, text_concurrency=[8])  # fmt: skip
+    harness.config(
+        f"tiny SD3 {args.size}x{args.size}, {args.steps} steps, {args.image_requests} image requests from "
+        f"{args.concurrency} clients; tiny Qwen3, {args.text_requests} text requests of {args.input_len} + "
+        f"{args.output_len} tokens, {args.text_concurrency} in flight; median of {args.rounds}"
+    )
     try:
         if args.only in (None, "images"):
             images(args)

@@ -14,10 +14,12 @@ for an SD3-medium-shaped DiT with random weights (24 layers of 24 heads x 64, pa
 
 Budget on one H200: under 8 minutes (tiny builds and parity ~1, the random DiT ~1, each backend ~2-3).
 Without a GPU it says so and exits 0; ``--cpu-smoke`` runs the same code paths on CPU at toy sizes.
+``--quick``: 2 requests in a batch of 2, 1 step, 32x32 (seconds on a GPU; with ``--cpu-smoke``, about 10 s on
+2 CPU cores: what CI runs).
 
 Usage (from the repository root; see docs/installation.md, "Checking the DiT engine on a GPU"):
   PYTHONPATH=. python benchmarks/gpu/dit_gpu_check.py [--requests 8] [--steps 28] [--size 1024]
-  PYTHONPATH=. python benchmarks/gpu/dit_gpu_check.py --cpu-smoke
+  PYTHONPATH=. python benchmarks/gpu/dit_gpu_check.py --cpu-smoke [--quick]
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[1])]
 
+import harness  # noqa: E402
 from diffusers import AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel  # noqa: E402
 from dit_engine import compare_single, compare_streams, diffusers_call, drain  # noqa: E402
 
@@ -70,10 +73,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         build_shaped_sd3(Path(folder), TOY if args.cpu_smoke else SD3_MEDIUM, TOY_VAE if args.cpu_smoke
                          else SD3_MEDIUM_VAE, device)  # fmt: skip
-        print(f"speed       SD3-medium-shaped random DiT ({'toy' if args.cpu_smoke else 'full'} size) "
+        size = "toy" if args.cpu_smoke else "full"
+        print(f"speed       SD3-medium-shaped random DiT ({size} size) "
               f"{args.size}x{args.size}, {args.steps} steps, guidance {args.guidance}, bfloat16, "
               f"{args.requests} requests, batch {args.batch}")  # fmt: skip
-        for backend in backends(device):
+        names = backends(device)
+        harness.config(
+            f"{describe(device)}; SD3-medium-shaped random DiT ({size} size) {args.size}x{args.size}, "
+            f"{args.steps} steps, bfloat16, {args.requests} requests, batch {args.batch}, backends {names}"
+        )
+        for backend in names:
             compare_speed(folder, backend, args, device)
     print(f"done in {time.perf_counter() - started:.0f}s")
 
@@ -88,7 +97,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8, help="running batch bound and hand-batch size")
     parser.add_argument("--guidance", type=float, default=7.0)
-    args = parser.parse_args()
+    args = harness.parse_args(parser, requests=2, batch=2, steps=1, size=32)
     args.size = args.size or (64 if args.cpu_smoke else 1024)
     args.steps = args.steps or (2 if args.cpu_smoke else 28)
     args.intervals, args.repeats = [0, 0.5], 1  # what benchmarks/dit_engine.py's comparisons read
@@ -116,6 +125,7 @@ def check_parity(family: str, dtype: str, device: str) -> None:
         worst = max(worst, float(np.abs(ours.astype(np.float32) - theirs.astype(np.float32)).max()))
     verdict = "ok" if worst <= PARITY_LIMITS[dtype] else f"OVER {PARITY_LIMITS[dtype]:g}"
     print(f"parity      {family:8s} {dtype:9s} max |ours - diffusers| {worst:.2e}  {verdict}")
+    harness.headline(f"parity {family} {dtype}: max pixel difference", worst, f"<= {PARITY_LIMITS[dtype]:g}")
     del pipe, engine
     release()
 
@@ -184,6 +194,8 @@ def compare_memory(engine: DiffusionEngine, folder: str, config: DiTConfig, args
     peak = torch.cuda.max_memory_allocated() - before
     print(f"memory      batch of {args.batch} at {args.size}px: peak working {peak / GIB:.2f} GiB, estimated "
           f"{estimate / GIB:.2f} GiB (measured/estimated {peak / estimate:.2f})")  # fmt: skip
+    measure = f"{config.attention_backend}: batch peak memory, measured / estimated"
+    harness.headline(measure, peak / estimate, "<= 1")
 
 
 def release() -> None:
