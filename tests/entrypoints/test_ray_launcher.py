@@ -3,20 +3,29 @@ nodes, tensors through the object store, a killed actor, start-up without resour
 
 from __future__ import annotations
 
+import argparse
+import os
 import time
 
+import numpy as np
 import pytest
+import requests
 import torch
+from vllm import SamplingParams
 
 ray = pytest.importorskip("ray")
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
 import vllm_omni.testing.echo_stage  # noqa: E402,F401  (registers the echo kind)
-from vllm_omni import OmniLLM, OmniStageConfig  # noqa: E402
+from tests.utils import running_server  # noqa: E402
+from vllm_omni import OmniLLM, OmniStageConfig, create_ar_stage_config, create_dit_stage_config  # noqa: E402
+from vllm_omni.config.stage import load_pipeline_file  # noqa: E402
+from vllm_omni.entrypoints.cli.serve import launcher_from_args  # noqa: E402
 from vllm_omni.pipeline.object_store_io import ObjectStoreCodec  # noqa: E402
 from vllm_omni.pipeline.ray_launcher import RayLauncher, actor_options  # noqa: E402
 from vllm_omni.pipeline.stage_manager import OmniStageError  # noqa: E402
+from vllm_omni.testing.tiny_models import tiny_model_path  # noqa: E402
 
 MIB = 1 << 20
 NODE_MEMORY = 200 * MIB
@@ -24,7 +33,9 @@ NODE_MEMORY = 200 * MIB
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Two nodes of one CPU each; ``first`` / ``second`` pin an actor to one."""
+    """Two nodes of one CPU each; ``first`` / ``second`` pin an actor to one. Actors get the environment
+    of their node (a small KV cache for the tiny models)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     made = Cluster(
         initialize_head=True,
         head_node_args={
@@ -131,9 +142,66 @@ def test_a_stage_the_cluster_cannot_place_in_time_fails_the_start(cluster):
     assert pipeline_actors() == []
 
 
+def test_the_launcher_comes_from_the_flag_else_the_yaml_file(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    stage = "{stage_id: 0, engine_type: echo, model_path: x, input_modalities: [latent], resources: {a: 1}}"
+    path.write_text(f"launcher: ray\nstages:\n  - {stage}\n")
+    stages, launcher = load_pipeline_file(path)
+    assert launcher == "ray" and stages[0].resources == {"a": 1}
+    args = argparse.Namespace(stage_config=str(path), model_tag=None, stage_launcher=None, ray_address=None)
+    assert launcher_from_args(args) == "ray"
+    assert launcher_from_args(argparse.Namespace(**{**vars(args), "stage_launcher": "local"})) == "local"
+    remote = launcher_from_args(argparse.Namespace(**{**vars(args), "ray_address": "10.0.0.1:6379"}))
+    assert isinstance(remote, RayLauncher) and remote.address == "10.0.0.1:6379"
+    with pytest.raises(ValueError, match="--ray-address goes with --stage-launcher ray"):
+        launcher_from_args(
+            argparse.Namespace(**{**vars(args), "stage_launcher": "local", "ray_address": "x"})
+        )
+    path.write_text("launcher: slurm\nstages: []\n")
+    with pytest.raises(ValueError, match=r"launcher must be one of \['local', 'ray'\], got 'slurm'"):
+        load_pipeline_file(path)
+
+
 def test_tensor_parallel_ar_stages_get_a_placement_group_for_their_workers():
     stage = OmniStageConfig(0, "ar", "m", engine_args={"tensor_parallel_size": 2}, devices="0,1")
     options, bundles = actor_options(stage)
     assert bundles == [{"GPU": 1.0, "CPU": 1.0}, {"GPU": 1.0}] and options["num_gpus"] == 0
     options, bundles = actor_options(OmniStageConfig(0, "ar", "m", resources={"num_cpus": 2, "big": 1}))
     assert bundles == [] and options["num_cpus"] == 2 and options["resources"] == {"big": 1}
+
+
+@pytest.mark.engine
+def test_an_ar_to_dit_pipeline_across_two_nodes_equals_the_local_one(cluster):
+    ar = create_ar_stage_config(0, tiny_model_path("qwen3"), dtype="float32", max_model_len=256,
+                                enforce_eager=True, resources={"first": 0.1, "num_cpus": 0.1})  # fmt: skip
+    dit = create_dit_stage_config(1, tiny_model_path("sd3"), num_inference_steps=2, height=32, width=32,
+                                  resources={"second": 0.1, "num_cpus": 0.1})  # fmt: skip
+    prompts = ["A beautiful landscape", "A red sunset over the sea"]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+        {"seed": 3, "output_type": "np"},
+    ]
+    results = []
+    for launcher in ("local", "ray"):
+        omni = OmniLLM([ar, dit], launcher=launcher)
+        try:
+            results.append(omni.generate(prompts, params, use_tqdm=False))
+        finally:
+            omni.close()
+    for local, on_ray in zip(*results, strict=True):
+        assert local.error is None and on_ray.error is None
+        assert on_ray.text == local.text
+        assert np.abs(on_ray.images - local.images).max() <= 1 / 255  # another core count: another sum order
+    assert pipeline_actors() == []
+
+
+@pytest.mark.engine
+def test_the_server_serves_images_from_ray_actors_and_leaves_none(cluster):
+    flags = ("--omni", "--dit-steps", "2", "--dit-size", "32x32", "--stage-launcher", "ray")
+    with running_server(tiny_model_path("sd3"), *flags, "--ray-address", cluster.address) as url:
+        assert requests.get(f"{url}/health", timeout=10).json()["status"] == "ok"
+        assert len(pipeline_actors()) == 1
+        body = {"prompt": "a red cube", "n": 2, "size": "32x32", "seed": 1}
+        answer = requests.post(f"{url}/v1/images/generations", json=body, timeout=60)
+        assert answer.status_code == 200 and len(answer.json()["data"]) == 2
+    assert pipeline_actors() == []

@@ -4,7 +4,8 @@ The pipeline comes from ``MODEL`` (a diffusers pipeline, folder or hub id: one `
 folder or hub id: one ``ar`` stage; a stage YAML file), from ``--stage-config FILE``, or from
 ``--ar-stage MODEL --dit-stage MODEL`` (the LLM rewrites the prompt, the DiT draws it). vLLM's engine flags
 (``--max-model-len``, ``--dtype``, ``--revision``, ...) go to every ``ar`` stage; ``--dit-*`` flags to every
-``dit`` stage (and ``--revision`` to MODEL's).
+``dit`` stage (and ``--revision`` to MODEL's). ``--stage-launcher ray`` runs the stages as Ray actors on
+a cluster (``--ray-address``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import Any
 
 from vllm_omni.config.dit import DiTConfig
 from vllm_omni.config.stage import (
+    PIPELINE_LAUNCHERS,
     OmniStageConfig,
     create_ar_stage_config,
     create_dit_stage_config,
+    load_pipeline_file,
     load_stage_configs,
 )
 from vllm_omni.entrypoints.openai.text_serving import add_chat_args
@@ -69,7 +72,7 @@ class OmniServeCommand:
     def cmd(args: argparse.Namespace) -> None:
         from vllm_omni.entrypoints.openai.api_server import run_server
 
-        run_server(args, stages_from_args(args))
+        run_server(args, stages_from_args(args), launcher_from_args(args))
 
 
 def _add_pipeline_args(group: Any) -> None:
@@ -90,6 +93,16 @@ def _add_pipeline_args(group: Any) -> None:
     group.add_argument("--dit-steps", type=_positive_int, metavar="N", help="dit stages: denoising steps")
     group.add_argument("--dit-guidance-scale", type=float, metavar="X", help="dit stages: guidance scale")
     group.add_argument("--dit-size", type=_size, metavar="WxH", help="dit stages: default image size")
+    group.add_argument(
+        "--stage-launcher", choices=PIPELINE_LAUNCHERS,
+        help="where the stages run: local processes, or Ray actors on a Ray cluster (default: the stage "
+        "YAML's launcher, else local)",
+    )  # fmt: skip
+    group.add_argument(
+        "--ray-address", metavar="ADDRESS",
+        help="with --stage-launcher ray: the cluster to join (default: the one ray.init() finds, e.g. "
+        "RAY_ADDRESS or `ray start` on this machine, else a new local one)",
+    )  # fmt: skip
 
 
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -134,6 +147,21 @@ def stages_from_args(args: argparse.Namespace) -> list[OmniStageConfig]:
     else:
         raise ValueError("no pipeline: give MODEL, --stage-config FILE, or --ar-stage and --dit-stage")
     return [_with_flags(stage, args) for stage in stages]
+
+
+def launcher_from_args(args: argparse.Namespace) -> Any:
+    """The stages' launcher: ``--stage-launcher``, else the stage YAML's ``launcher``, else local (a
+    ``RayLauncher`` for ``--ray-address``)."""
+    path = args.stage_config or args.model_tag
+    from_file = load_pipeline_file(path)[1] if path and Path(path).suffix in (".yaml", ".yml") else None
+    name = args.stage_launcher or from_file or "local"
+    if args.ray_address is None:
+        return name
+    if name != "ray":
+        raise ValueError("--ray-address goes with --stage-launcher ray (or a stage YAML with launcher: ray)")
+    from vllm_omni.pipeline.ray_launcher import RayLauncher
+
+    return RayLauncher(address=args.ray_address)
 
 
 def _stages_of(model: str, revision: str | None) -> list[OmniStageConfig]:

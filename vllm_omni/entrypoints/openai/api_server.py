@@ -193,13 +193,14 @@ def _error_response(status: int, message: str, param: str | None, kind: str) -> 
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
 
 
-def run_server(args: argparse.Namespace, stages: list[OmniStageConfig]) -> None:
-    """Start the pipeline (exit code 1 naming the stage that cannot start), then serve until SIGINT/SIGTERM:
-    stop accepting, finish what is in flight (up to DRAIN_TIMEOUT_SECONDS), stop every stage."""
+def run_server(args: argparse.Namespace, stages: list[OmniStageConfig], launcher: Any = None) -> None:
+    """Start the pipeline (``launcher``: see ``StageManager``; exit code 1 naming the stage that cannot
+    start), then serve until SIGINT/SIGTERM: stop accepting, finish what is in flight (up to
+    DRAIN_TIMEOUT_SECONDS), stop every stage."""
     import uvicorn
 
     try:
-        omni = AsyncOmniLLM(stages)
+        omni = AsyncOmniLLM(stages, launcher=launcher)
     except OmniStageError as error:
         sys.exit(f"vllm serve --omni: {error}")
     name = args.served_model_name or [args.model_tag or stages[-1].model_path]
