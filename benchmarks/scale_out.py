@@ -6,18 +6,26 @@ replicas: a DiT-bound pipeline (one tiny SD3 stage at --size px, --steps steps) 
 (two OpenMP threads: what the machine gives one engine without replicas). All pipelines are up at once and
 idle between turns; each round runs them in a rotated order. Numbers are medians over --rounds.
 
+ray: the "2 replicas, 1 core each" pipeline with the Ray launcher (a local Ray instance) against local
+processes, rotated rounds, goal >= 0.9x images/s; and the hand-off of a 4 MiB and a 64 MiB tensor between
+two echo stages (made in one, read whole in the next, through the manager): Ray's object store against
+shared memory, medians of --handoffs hand-offs one at a time. Skipped (said so) without Ray.
+
 Usage: python benchmarks/scale_out.py [--quick] [--rounds 3] [--requests 32] [--size 64] [--steps 8]
---quick: one round of 4 requests at 2 steps (a smoke run; its numbers are not the measurement).
+       [--handoffs 20]
+--quick: one round of 4 requests at 2 steps, 3 hand-offs (a smoke run; its numbers are not the measurement).
 Run the full one on a quiet machine: other processes on the 2 cores move every number.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
 
-from vllm_omni import OmniLLM, create_dit_stage_config
+import vllm_omni.testing.echo_stage  # noqa: F401  (registers the echo kind)
+from vllm_omni import OmniLLM, OmniStageConfig, create_dit_stage_config
 from vllm_omni.testing.tiny_models import tiny_model_path
 
 CONTENDERS = {  # name -> (replicas, cpus)
@@ -46,6 +54,17 @@ def replicas(args) -> None:
         name: OmniLLM([create_dit_stage_config(0, sd3, replicas=count, cpus=cpus, **dit)])
         for name, (count, cpus) in CONTENDERS.items()
     }
+    rates = rotated_rates(args, pipelines)
+    base = rates["1 replica, 1 core"]
+    print(f"replicas: tiny SD3 {args.size}x{args.size}, {args.steps} steps, {args.requests} requests, "
+          f"one generate call (median of {args.rounds}):")  # fmt: skip
+    for name, rate in rates.items():
+        goal = " (goal >= 1.7)" if name == "2 replicas, 1 core each" else ""
+        print(f"  {name:26s} {rate:7.2f} images/s = {rate / base:.2f}x 1 replica on 1 core{goal}")
+
+
+def rotated_rates(args, pipelines: dict[str, OmniLLM]) -> dict[str, float]:
+    """Images/s of each pipeline (all up at once, run in a rotated order each round; medians); closes them."""
     rates: dict[str, list[float]] = {name: [] for name in pipelines}
     try:
         for omni in pipelines.values():  # warm-up: first steps allocate, first prompts fill nothing yet
@@ -58,16 +77,43 @@ def replicas(args) -> None:
     finally:
         for omni in pipelines.values():
             omni.close()
-    report(args, {name: statistics.median(values) for name, values in rates.items()})
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
-def report(args, rates: dict[str, float]) -> None:
-    base = rates["1 replica, 1 core"]
-    print(f"replicas: tiny SD3 {args.size}x{args.size}, {args.steps} steps, {args.requests} requests, "
-          f"one generate call (median of {args.rounds}):")  # fmt: skip
-    for name, rate in rates.items():
-        goal = " (goal >= 1.7)" if name == "2 replicas, 1 core each" else ""
-        print(f"  {name:26s} {rate:7.2f} images/s = {rate / base:.2f}x 1 replica on 1 core{goal}")
+def ray_launcher(args) -> None:
+    if importlib.util.find_spec("ray") is None:
+        print("ray: not installed (pip install vllm-omni[ray]): skipped")
+        return
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)  # logical CPUs: every actor fits
+    try:
+        dit = dict(num_inference_steps=args.steps, height=args.size, width=args.size)
+        stage = create_dit_stage_config(0, tiny_model_path("sd3"), replicas=2, cpus=["0", "1"], **dit)
+        rates = rotated_rates(args, {name: OmniLLM([stage], launcher=name) for name in ("local", "ray")})
+        print(f"ray: 2 tiny SD3 replicas on a core each, {args.requests} requests (median of {args.rounds}):")
+        print(f"  local processes {rates['local']:7.2f} images/s; Ray actors {rates['ray']:7.2f} images/s = "
+              f"{rates['ray'] / rates['local']:.2f}x (goal >= 0.9)")  # fmt: skip
+        for mib in (4, 64):
+            seconds = {name: handoff_seconds(name, mib, args.handoffs) for name in ("local", "ray")}
+            print(f"  hand-off of {mib} MiB: shared memory {seconds['local'] * 1e3:6.1f} ms, object store "
+                  f"{seconds['ray'] * 1e3:6.1f} ms (median of {args.handoffs})")  # fmt: skip
+    finally:
+        ray.shutdown()
+
+
+def handoff_seconds(launcher: str, mib: int, count: int) -> float:
+    """Median time from a tensor made in one echo stage until the next one has read it whole."""
+    stages = [OmniStageConfig(i, "echo", "none", ["latent"], stage_input="echo_tensor" if i else None)
+              for i in (0, 1)]  # fmt: skip
+    omni = OmniLLM(stages, launcher=launcher)
+    try:
+        omni.generate({"nbytes": 1 << 20}, use_tqdm=False)  # warm-up
+        times = [omni.generate({"nbytes": mib << 20}, use_tqdm=False)[0].stage_outputs[1].handoff_seconds
+                 for _ in range(count)]  # fmt: skip
+    finally:
+        omni.close()
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -77,10 +123,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--handoffs", type=int, default=20)
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.requests, args.steps = 1, 4, 2
+        args.rounds, args.requests, args.steps, args.handoffs = 1, 4, 2, 3
     replicas(args)
+    ray_launcher(args)
 
 
 if __name__ == "__main__":
