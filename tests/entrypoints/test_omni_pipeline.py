@@ -114,5 +114,7 @@ def test_a_prompt_the_first_stage_refuses_fails_the_call_naming_the_stage(omni):
 def test_stage_inputs_use_the_tokenizer_vllm_picks_for_the_stage():
     stage = create_ar_stage_config(0, "org/model", revision="v1")
     assert tokenizer_source(stage) == ("org/model", "v1")
-    stage = create_ar_stage_config(0, "org/model", revision="v1", tokenizer="org/tok", tokenizer_revision="t2")
+    stage = create_ar_stage_config(
+        0, "org/model", revision="v1", tokenizer="org/tok", tokenizer_revision="t2"
+    )
     assert tokenizer_source(stage) == ("org/tok", "t2")
