@@ -11,7 +11,7 @@ from typing import Any
 from vllm_omni.config.dit import DiTConfig
 from vllm_omni.config.utils import from_known_keys
 
-MODALITIES = ("text", "image", "latent", "hidden_states")
+MODALITIES = ("text", "image", "latent", "hidden_states", "audio_codes", "audio")
 
 
 @dataclass
@@ -26,12 +26,15 @@ class OmniStageConfig:
     model_path: str
     """Model folder (Hugging Face layout for ``ar``; diffusers layout, ``model_index.json``, for ``dit``)."""
     input_modalities: list[str] = field(default_factory=lambda: ["text"])
-    """What the stage consumes: any of ``text``, ``image``, ``latent``, ``hidden_states``."""
+    """What the stage consumes: any of ``text``, ``image``, ``latent``, ``hidden_states``, ``audio_codes``
+    (codec token ids) that its kind takes."""
     output_modalities: list[str] | None = None
-    """What the stage produces: any of ``text``, ``image``, ``latent``, ``hidden_states`` that its kind makes
-    (``ar``: text, hidden_states; ``dit``: image, latent); default: the kind's first (text, image)."""
+    """What the stage produces: any of ``text``, ``image``, ``latent``, ``hidden_states``, ``audio`` that its
+    kind makes (``ar``: text, hidden_states; ``dit``: image, latent; ``code2wav``: audio); default: the
+    kind's first (text, image, audio)."""
     engine_args: dict[str, Any] = field(default_factory=dict)
-    """Engine arguments of an ``ar`` stage (any ``vllm.EngineArgs`` field)."""
+    """Engine arguments of an ``ar`` stage (any ``vllm.EngineArgs`` field) or of a ``code2wav`` stage
+    (``Code2WavConfig`` fields)."""
     dit_config: DiTConfig | None = None
     """Configuration of a ``dit`` stage (defaults when ``None``)."""
     final_output: bool = True

@@ -23,6 +23,9 @@ class OmniRequestOutput:
     """Images of the last image-producing final stage (list of PIL images, or a float array NHWC)."""
     latents: Any = None
     """Final latents of the last DiT stage, when asked for."""
+    audio: Any = None
+    """Float32 waveform of the last audio-producing final stage (``code2wav``: 24 kHz; so far, while it
+    streams)."""
     stage_outputs: dict[int, Any] = field(default_factory=dict)
     """Each final stage's own output object by ``stage_id`` (``vllm.RequestOutput`` or ``DiffusionOutput``);
     stages with ``final_output=False`` are not returned (unless the manager keeps every stage's output)."""

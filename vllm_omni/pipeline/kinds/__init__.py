@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 _KINDS: dict[str, str] = {
     "ar": "vllm_omni.pipeline.kinds.ar:AR_STAGE",
     "dit": "vllm_omni.pipeline.kinds.dit:DIT_STAGE",
+    "code2wav": "vllm_omni.pipeline.kinds.code2wav:CODE2WAV_STAGE",
 }
 
 

@@ -1,0 +1,165 @@
+"""The ``code2wav`` engine on the tiny Qwen2.5-Omni: transformers' token2wav's waveform for the same codes,
+voice and seed; a request's audio alone == among 8 concurrent ones; chunked audio vs whole; refused input;
+aborts; a one-stage OmniLLM / AsyncOmniLLM (whole and streamed in chunks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_omni import AsyncOmniLLM, OmniLLM
+from vllm_omni.audio.code2wav_engine import Code2WavEngine
+from vllm_omni.audio.code2wav_request import Code2WavParams
+from vllm_omni.config.code2wav import Code2WavConfig
+from vllm_omni.config.stage import OmniStageConfig
+from vllm_omni.testing.tiny_models import tiny_model_path
+
+SAMPLES_PER_CODE = 2 * 240  # the DiT's 2 mel frames per code, BigVGAN's 240 samples per frame
+FAST = {"num_steps": 4}  # 3 RK4 steps: what batching and chunking tests need, at a third of the time
+BATCH_TOLERANCE = 1e-5  # batched vs alone: the same float32 math, only BLAS blocking differs
+CHUNK_BOUND = 0.05  # chunked (12 codes, contexts 24 / 12) vs whole, max abs difference on the tiny model
+
+
+def codes(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 8447, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module")
+def path() -> str:
+    return tiny_model_path("qwen2_5_omni")
+
+
+@pytest.fixture(scope="module")
+def engine(path) -> Code2WavEngine:
+    return Code2WavEngine(path, Code2WavConfig())
+
+
+def run(engine: Code2WavEngine, requests: dict[str, tuple[list[int], Code2WavParams]]) -> dict[str, list]:
+    """Every output of each request, stepping until the engine is idle."""
+    for request_id, (ids, params) in requests.items():
+        engine.add_request(request_id, {"codes": ids}, params)
+    outputs: dict[str, list] = {request_id: [] for request_id in requests}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            outputs[output.request_id].append(output)
+    return outputs
+
+
+def whole(engine: Code2WavEngine, ids: list[int], **params) -> np.ndarray:
+    (output,) = run(engine, {"r": (ids, Code2WavParams(**params))})["r"]
+    assert output.finished and output.sample_offset == 0
+    return output.waveform
+
+
+@pytest.fixture(scope="module")
+def hf(path):
+    """transformers' whole model, its voices loaded, float32."""
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    return Qwen2_5OmniForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("voice", ["Chelsie", "Ethan"])
+def test_waveform_is_transformers_token2wav(engine, hf, voice):
+    ids, speaker = codes(24, seed=1), hf.speaker_map[voice]
+    torch.manual_seed(7)  # token2wav draws its initial noise from the global generator
+    with torch.no_grad():
+        reference = hf.token2wav(
+            torch.tensor([ids]),
+            conditioning=speaker["cond"].float(),
+            reference_mel=speaker["ref_mel"].float(),
+        ).numpy()
+    waveform = whole(engine, ids, voice=voice, seed=7)
+    assert waveform.dtype == np.float32 and waveform.shape == (24 * SAMPLES_PER_CODE,)
+    np.testing.assert_array_equal(waveform, reference)  # measured: max abs difference 0.0
+
+
+def test_a_request_sounds_the_same_alone_and_among_8(engine):
+    requests = {
+        f"r{i}": (
+            codes(24 if i < 6 else 12, seed=i),
+            Code2WavParams(["Chelsie", "Ethan"][i % 2], seed=i, **FAST),
+        )
+        for i in range(8)
+    }
+    together = run(engine, requests)
+    for request_id in ("r0", "r3", "r7"):
+        alone = run(engine, {request_id: requests[request_id]})[request_id][0].waveform
+        np.testing.assert_allclose(together[request_id][0].waveform, alone, rtol=0, atol=BATCH_TOLERANCE)
+
+
+def test_chunked_audio_vs_whole(engine):
+    ids = codes(36, seed=3)
+    reference = whole(engine, ids, seed=5, **FAST)
+    chunks = run(engine, {"r": (ids, Code2WavParams(seed=5, chunk_size=12, emit_chunks=True, **FAST))})["r"]
+    assert [(c.sample_offset, c.finished) for c in chunks] == [
+        (i * 12 * SAMPLES_PER_CODE, i == 2) for i in range(3)
+    ]
+    streamed = np.concatenate([c.waveform for c in chunks])
+    assert streamed.shape == reference.shape
+    assert 0 < np.abs(streamed - reference).max() < CHUNK_BOUND
+    # Context reaching both ends makes every window the whole sequence: the same audio, exactly.
+    wide = Code2WavParams(seed=5, chunk_size=12, left_context=36, right_context=36, **FAST)
+    np.testing.assert_array_equal(whole(engine, ids, **vars(wide)), reference)
+
+
+def test_refused_input_names_the_field_and_the_engine_keeps_serving(engine):
+    for prompt, params, message in (
+        ({"codes": [1, 2]}, Code2WavParams(voice="Nobody"), r"voice must be one of \['Chelsie', 'Ethan'\]"),
+        ({"codes": [1, 9000]}, Code2WavParams(), r"codes must be in \[0, 8448\), got 9000"),
+        ({"codes": []}, Code2WavParams(), "codes must be a non-empty list"),
+        ({"codes": [1]}, Code2WavParams(num_steps=1), "num_steps must be an integer >= 2"),
+        ({"codes": [1]}, Code2WavParams(chunk_size=0), "chunk_size must be an integer >= 1"),
+        ([1, 2], Code2WavParams(), r"a code2wav prompt is \{'codes'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            engine.add_request("bad", prompt, params)
+    assert not engine.has_unfinished_requests()
+    assert whole(engine, codes(4, seed=0), **FAST).shape == (4 * SAMPLES_PER_CODE,)
+
+
+def test_aborts_free_the_requests(engine):
+    engine.add_request("a", {"codes": codes(24, 0)}, Code2WavParams(chunk_size=12, emit_chunks=True, **FAST))
+    engine.add_request("b", {"codes": codes(8, 1)}, Code2WavParams(**FAST))
+    assert [o.request_id for o in engine.step()] == ["a", "b"]  # a's first chunk, b whole
+    engine.abort_requests(["a"])
+    assert (engine.running, engine.waiting, engine.step()) == ([], [], [])
+
+
+def test_one_stage_pipelines_whole_and_streamed(engine, path):
+    ids, params = codes(36, seed=2), {"seed": 3, "chunk_size": 12, **FAST}
+    reference = run(engine, {"r": (ids, Code2WavParams(**params))})["r"][0].waveform
+    stage = OmniStageConfig(0, "code2wav", path, ["audio_codes"], engine_args={"max_batch_size": 4})
+    omni = OmniLLM([stage])
+    try:
+        (out,) = omni.generate([{"codes": ids}], params, use_tqdm=False)
+    finally:
+        omni.close()
+    assert out.error is None and out.audio.dtype == np.float32
+    np.testing.assert_array_equal(out.audio, reference)
+
+    omni = AsyncOmniLLM([stage])
+
+    async def stream():
+        return [(len(o.audio), o.finished) async for o in omni.generate({"codes": ids}, params)]
+
+    try:
+        sizes = asyncio.run(stream())
+        assert asyncio.run(omni.stage_stats(0)) == {"running": 0, "waiting": 0}
+    finally:
+        omni.shutdown()
+    assert sizes == [(12 * SAMPLES_PER_CODE, False), (24 * SAMPLES_PER_CODE, False), (len(reference), True)]
+
+
+def test_stage_config_checks(path):
+    with pytest.raises(ValueError, match=r"code2wav engine_args has unknown key\(s\) \['steps'\]"):
+        OmniStageConfig(0, "code2wav", path, ["audio_codes"], engine_args={"steps": 4})
+    with pytest.raises(ValueError, match="max_batch_size must be an integer >= 1, got 0"):
+        OmniStageConfig(0, "code2wav", path, ["audio_codes"], engine_args={"max_batch_size": 0})
+    with pytest.raises(ValueError, match=r"a 'code2wav' stage consumes \['audio_codes'\], not \['text'\]"):
+        OmniStageConfig(0, "code2wav", path)
+    assert OmniStageConfig(0, "code2wav", path, ["audio_codes"]).output_modalities == ["audio"]
