@@ -2,7 +2,8 @@
 
 Needs torch, diffusers and transformers, not vLLM (the DiT engine imports without it). Prints:
   parity     each native family (sd3, z_image: the tiny random checkpoints), float32 and bfloat16: the
-             largest pixel difference (0..1) of our images from diffusers' for the same seeds
+             largest pixel difference (0..1) of our images from diffusers' for the same seeds; with
+             compiled blocks (DiTConfig.compile="on") too, in float32
   single     one request: our latency / diffusers' (median of 3 interleaved runs each)
   stream     --requests requests at once (interval 0) and arriving every half a single-request latency:
              throughput and mean latency, ours vs diffusers sequential and hand-batched (--batch a call)
@@ -10,10 +11,15 @@ Needs torch, diffusers and transformers, not vLLM (the DiT engine imports withou
              (vllm_omni/diffusion/memory.py)
 for an SD3-medium-shaped DiT with random weights (24 layers of 24 heads x 64, patch 2, its 8x VAE with
 128..512 channels; text encoders from the tiny SD3, which only changes the prompt's 333 tokens' width) at
-1024x1024, 28 steps, bfloat16, per attention backend: ``sdpa``, and ``xformers`` when installed.
+1024x1024, 28 steps, bfloat16, per attention backend: ``sdpa``, and ``xformers`` when installed, and per
+``--compile`` mode: ``off`` (eager, ours and diffusers) and ``on`` (ours compiled, diffusers with
+``compile_repeated_blocks()``; the compile warm-up happens before the timed runs).
 
-Budget on one H200: under 8 minutes (tiny builds and parity ~1, the random DiT ~1, each backend ~2-3).
+Budget on one H200: under 8 minutes without compile (tiny builds and parity ~1, the random DiT ~1, each
+backend ~2-3); compile on adds its warm-ups and a second speed run per backend (not yet run on a GPU: give it
+10 minutes, or pass --compile off).
 Without a GPU it says so and exits 0; ``--cpu-smoke`` runs the same code paths on CPU at toy sizes.
+``--cpu-smoke`` compiles nothing unless ``--compile`` says so (inductor's C++ warm-up: minutes on 2 cores).
 ``--quick``: 2 requests in a batch of 2, 1 step, 32x32 (seconds on a GPU; with ``--cpu-smoke``, about 10 s on
 2 CPU cores: what CI runs).
 
@@ -30,6 +36,7 @@ import importlib.util
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +46,14 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).res
 
 import harness  # noqa: E402
 from diffusers import AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel  # noqa: E402
-from dit_engine import compare_single, compare_streams, diffusers_call, drain  # noqa: E402
+from dit_engine import (  # noqa: E402
+    compare_single,
+    compare_streams,
+    compile_repeated_blocks,
+    diffusers_call,
+    drain,
+    timed,
+)
 
 from vllm_omni.config.dit import DiTConfig  # noqa: E402
 from vllm_omni.diffusion.memory import GIB, DiTMemoryEstimate  # noqa: E402
@@ -69,7 +83,9 @@ def main() -> None:
     print(f"device {describe(device)}  torch {torch.__version__}  python {sys.version.split()[0]}")
     for family in ("sd3", "z_image"):
         for dtype in ("float32", "bfloat16"):
-            check_parity(family, dtype, device)
+            check_parity(family, dtype, device, "off")
+        if "on" in args.compile:
+            check_parity(family, "float32", device, "on")
     with tempfile.TemporaryDirectory() as folder:
         build_shaped_sd3(Path(folder), TOY if args.cpu_smoke else SD3_MEDIUM, TOY_VAE if args.cpu_smoke
                          else SD3_MEDIUM_VAE, device)  # fmt: skip
@@ -83,7 +99,8 @@ def main() -> None:
             f"{args.steps} steps, bfloat16, {args.requests} requests, batch {args.batch}, backends {names}"
         )
         for backend in names:
-            compare_speed(folder, backend, args, device)
+            for mode in args.compile:
+                compare_speed(folder, backend, mode, args, device)
     print(f"done in {time.perf_counter() - started:.0f}s")
 
 
@@ -97,9 +114,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8, help="running batch bound and hand-batch size")
     parser.add_argument("--guidance", type=float, default=7.0)
+    parser.add_argument(
+        "--compile",
+        type=lambda v: v.split(","),
+        default=None,
+        help="DiTConfig.compile modes to run, of off,on (default off,on; --cpu-smoke: off)",
+    )
     args = harness.parse_args(parser, requests=2, batch=2, steps=1, size=32)
     args.size = args.size or (64 if args.cpu_smoke else 1024)
     args.steps = args.steps or (2 if args.cpu_smoke else 28)
+    args.compile = args.compile or (["off"] if args.cpu_smoke else ["off", "on"])
     args.intervals, args.repeats = [0, 0.5], 1  # what benchmarks/dit_engine.py's comparisons read
     return args
 
@@ -111,12 +135,14 @@ def describe(device: str) -> str:
     return f"{properties.name} ({properties.total_memory / GIB:.1f} GiB)"
 
 
-def check_parity(family: str, dtype: str, device: str) -> None:
-    """Two requests (32x32, 4 steps, guided) through our engine and diffusers: the worst difference."""
+def check_parity(family: str, dtype: str, device: str, compile: str) -> None:
+    """Two requests (32x32, 4 steps, guided; one at a time: compiled, buckets 1 and 2) through our engine
+    (``DiTConfig.compile``) and diffusers: the worst difference."""
     path = tiny_model_path(family)
     pipe = DiffusionPipeline.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
     pipe.set_progress_bar_config(disable=True)
-    engine = DiffusionEngine(path, DiTConfig(dtype=dtype, device=device))
+    config = DiTConfig(dtype=dtype, device=device, max_batch_size=1, height=32, width=32, compile=compile)
+    engine = DiffusionEngine(path, config)
     args = argparse.Namespace(size=32, steps=4, guidance=4.0)
     worst = 0.0
     for seed in (1, 2):
@@ -124,8 +150,9 @@ def check_parity(family: str, dtype: str, device: str) -> None:
         theirs = diffusers_call(pipe, args, [f"prompt {seed}"], [seed])
         worst = max(worst, float(np.abs(ours.astype(np.float32) - theirs.astype(np.float32)).max()))
     verdict = "ok" if worst <= PARITY_LIMITS[dtype] else f"OVER {PARITY_LIMITS[dtype]:g}"
-    print(f"parity      {family:8s} {dtype:9s} max |ours - diffusers| {worst:.2e}  {verdict}")
-    harness.headline(f"parity {family} {dtype}: max pixel difference", worst, f"<= {PARITY_LIMITS[dtype]:g}")
+    label = f"{dtype} compile {compile}"
+    print(f"parity      {family:8s} {label:21s} max |ours - diffusers| {worst:.2e}  {verdict}")
+    harness.headline(f"parity {family} {label}: max pixel difference", worst, f"<= {PARITY_LIMITS[dtype]:g}")
     del pipe, engine
     release()
 
@@ -161,19 +188,27 @@ def backends(device: str) -> list[str]:
     return ["sdpa"]
 
 
-def compare_speed(folder: str, backend: str, args: argparse.Namespace, device: str) -> None:
+def compare_speed(folder: str, backend: str, compile: str, args: argparse.Namespace, device: str) -> None:
     """Latency and throughput of our engine vs diffusers (benchmarks/dit_engine.py's comparisons), then the
-    running batch's memory, for one attention backend."""
-    print(f"backend     {backend}")
+    running batch's memory, for one attention backend, both eager or both compiled (``compile``)."""
+    print(f"backend     {backend}, compile {compile}")
     pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.bfloat16).to(device)
     pipe.set_progress_bar_config(disable=True)
     if backend == "xformers":
         pipe.enable_xformers_memory_efficient_attention()
-    config = DiTConfig(dtype="bfloat16", device=device, max_batch_size=args.batch, attention_backend=backend)
+    if compile == "on":
+        compile_repeated_blocks(pipe.transformer)
+    config = DiTConfig(dtype="bfloat16", device=device, max_batch_size=args.batch, attention_backend=backend,
+                       height=args.size, width=args.size, compile=compile)  # fmt: skip
+    started = time.perf_counter()
     engine = DiffusionEngine(folder, config)
-    diffusers_call(pipe, args, ["warm-up"], [0])
-    drain(engine, args, [(0, 0)])
-    compare_streams(engine, pipe, args, compare_single(engine, pipe, args))
+    start = time.perf_counter() - started
+    first = timed(partial(drain, engine, args, [(0, 0)]))[0]
+    warm_up = timed(partial(diffusers_call, pipe, args, ["warm-up"], [0]))[0]
+    warm_up += timed(partial(diffusers_call, pipe, args, ["warm-up"] * args.batch, [0] * args.batch))[0]
+    print(f"start       ours {start:.1f}s (compile warm-up included), its first request {first:.2f}s  "
+          f"diffusers' first two calls (1 and {args.batch} prompts) {warm_up:.1f}s")  # fmt: skip
+    compare_streams(engine, pipe, args, compare_single(engine, pipe, args, "compiled" * (compile == "on")))
     del pipe
     release()
     compare_memory(engine, folder, config, args)
