@@ -20,8 +20,8 @@ from vllm_omni.testing.tiny_models import tiny_model_path
 
 SAMPLES_PER_CODE = 2 * 240  # the DiT's 2 mel frames per code, BigVGAN's 240 samples per frame
 FAST = {"num_steps": 4}  # 3 RK4 steps: what batching and chunking tests need, at a third of the time
-BATCH_TOLERANCE = 1e-5  # batched vs alone: the same float32 math, only BLAS blocking differs
-CHUNK_BOUND = 0.05  # chunked (12 codes, contexts 24 / 12) vs whole, max abs difference on the tiny model
+BATCH_TOLERANCE = 1e-5  # batched vs alone, max abs difference (measured 3.7e-6): BLAS blocking differs
+CHUNK_BOUND = 1e-4  # chunked (12 codes, contexts 24 / 12) vs whole on the tiny model (measured 2.1e-6)
 
 
 def codes(n: int, seed: int) -> list[int]:
