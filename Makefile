@@ -25,8 +25,8 @@ test: lint
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
 	$(PY) benchmarks/report.py --quick
 
-# Every benchmark's --quick run, one after another (about 10 min on 2 cores, engine starts dominate): a
-# crash fails, the numbers are printed, not checked.
+# Every benchmark's --quick run, one after another (about 13 min on 2 busy cores; engine starts and
+# torch.compile warm-ups dominate): a crash fails, the numbers are printed, not checked.
 bench-quick: install
 	$(PY) benchmarks/report.py --quick
 
