@@ -57,6 +57,7 @@ BENCHMARKS = (
     Benchmark("omni_pipeline", "omni_pipeline.py",
               "omni pipelines: pipelining, hand-off overhead, AR stage cost"),
     Benchmark("serving", "serving.py", "vllm serve --omni vs offline OmniLLM and stock vllm serve"),
+    Benchmark("scale_out", "scale_out.py", "stage replicas, the Ray launcher, object-store hand-offs"),
 )  # fmt: skip
 
 

@@ -24,6 +24,8 @@ import importlib.util
 import statistics
 import time
 
+import harness
+
 import vllm_omni.testing.echo_stage  # noqa: F401  (registers the echo kind)
 from vllm_omni import OmniLLM, OmniStageConfig, create_dit_stage_config
 from vllm_omni.testing.tiny_models import tiny_model_path
@@ -61,6 +63,13 @@ def replicas(args) -> None:
     for name, rate in rates.items():
         goal = " (goal >= 1.7)" if name == "2 replicas, 1 core each" else ""
         print(f"  {name:26s} {rate:7.2f} images/s = {rate / base:.2f}x 1 replica on 1 core{goal}")
+    harness.config(f"tiny SD3 {args.size}x{args.size}, {args.steps} steps, {args.requests} requests, "
+                   f"median of {args.rounds} rotated rounds")  # fmt: skip
+    harness.headline("images/s, 2 replicas on a core each / 1 replica on 1 core",
+                     rates["2 replicas, 1 core each"] / base, ">= 1.7x")  # fmt: skip
+    harness.headline(
+        "images/s, 1 replica on 2 cores / 1 replica on 1 core", rates["1 replica, 2 cores"] / base
+    )
 
 
 def rotated_rates(args, pipelines: dict[str, OmniLLM]) -> dict[str, float]:
@@ -94,10 +103,14 @@ def ray_launcher(args) -> None:
         print(f"ray: 2 tiny SD3 replicas on a core each, {args.requests} requests (median of {args.rounds}):")
         print(f"  local processes {rates['local']:7.2f} images/s; Ray actors {rates['ray']:7.2f} images/s = "
               f"{rates['ray'] / rates['local']:.2f}x (goal >= 0.9)")  # fmt: skip
+        harness.headline("images/s, Ray actors / local processes", rates["ray"] / rates["local"], ">= 0.9x")
         for mib in (4, 64):
             seconds = {name: handoff_seconds(name, mib, args.handoffs) for name in ("local", "ray")}
             print(f"  hand-off of {mib} MiB: shared memory {seconds['local'] * 1e3:6.1f} ms, object store "
                   f"{seconds['ray'] * 1e3:6.1f} ms (median of {args.handoffs})")  # fmt: skip
+            harness.headline(
+                f"hand-off of {mib} MiB, object store / shared memory", seconds["ray"] / seconds["local"]
+            )
     finally:
         ray.shutdown()
 
@@ -118,15 +131,12 @@ def handoff_seconds(launcher: str, mib: int, count: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the smallest run that prints every row")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--handoffs", type=int, default=20)
-    args = parser.parse_args()
-    if args.quick:
-        args.rounds, args.requests, args.steps, args.handoffs = 1, 4, 2, 3
+    args = harness.parse_args(parser, rounds=1, requests=4, steps=2, handoffs=3)
     replicas(args)
     ray_launcher(args)
 
