@@ -83,9 +83,14 @@ def test_a_missing_id_fails_the_stage_start_naming_it(hf_home):
 
 
 def test_serve_tells_a_diffusers_id_from_a_vllm_id(hf_home):
-    (dit,) = stages_from_args(serve_args(DIT_ID, "--omni", "--revision", "v1", "--dit-steps", "2"))
+    args = serve_args(DIT_ID, "--omni", "--revision", "v1", "--dit-steps", "2", "--dit-compile", "on")
+    (dit,) = stages_from_args(args)
     assert (dit.engine_type, dit.model_path) == ("dit", DIT_ID)
-    assert (dit.dit_config.revision, dit.dit_config.num_inference_steps) == ("v1", 2)
+    assert (dit.dit_config.revision, dit.dit_config.num_inference_steps, dit.dit_config.compile) == (
+        "v1",
+        2,
+        "on",
+    )
     (ar,) = stages_from_args(serve_args(AR_ID, "--omni", "--revision", "main"))
     assert (ar.engine_type, ar.model_path, ar.engine_args["revision"]) == ("ar", AR_ID, "main")
     missing = r"^'tiny-org/sd2' \(revision 'v2'\) is not in the Hugging Face cache"

@@ -94,6 +94,11 @@ def _add_pipeline_args(group: Any) -> None:
     group.add_argument("--dit-guidance-scale", type=float, metavar="X", help="dit stages: guidance scale")
     group.add_argument("--dit-size", type=_size, metavar="WxH", help="dit stages: default image size")
     group.add_argument(
+        "--dit-compile",
+        choices=["auto", "on", "off"],
+        help="dit stages: compiled transformer blocks (DiTConfig.compile)",
+    )
+    group.add_argument(
         "--stage-launcher", choices=PIPELINE_LAUNCHERS,
         help="where the stages run: local processes, or Ray actors on a Ray cluster (default: the stage "
         "YAML's launcher, else local)",
@@ -190,7 +195,7 @@ def _with_flags(stage: OmniStageConfig, args: argparse.Namespace) -> OmniStageCo
     if stage.engine_type == "dit":
         size = args.dit_size or (None, None)
         flags = {"num_inference_steps": args.dit_steps, "guidance_scale": args.dit_guidance_scale,
-                 "width": size[0], "height": size[1]}  # fmt: skip
+                 "width": size[0], "height": size[1], "compile": args.dit_compile}  # fmt: skip
         set_flags = {key: value for key, value in flags.items() if value is not None}
         return dataclasses.replace(
             stage, dit_config=dataclasses.replace(stage.dit_config or DiTConfig(), **set_flags)
