@@ -1,13 +1,16 @@
 """The Ray launcher on a two-node local cluster (Ray's own ``cluster_utils.Cluster``): stages pinned to
-nodes, tensors through the object store, a killed actor, start-up without resources, shutdown."""
+nodes, tensors through the object store, a killed actor, a node that vanishes, start-up without resources,
+shutdown."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import time
 
 import numpy as np
+import psutil
 import pytest
 import requests
 import torch
@@ -29,12 +32,18 @@ from vllm_omni.testing.tiny_models import tiny_model_path  # noqa: E402
 
 MIB = 1 << 20
 NODE_MEMORY = 200 * MIB
+FAST_HEALTH_CHECK = {
+    "health_check_period_ms": 300,
+    "health_check_timeout_ms": 300,
+    "health_check_failure_threshold": 3,
+}
+"""The head's node health check: a node that stops answering is dead after ~3.5 s (Ray's default: ~64 s)."""
 
 
 @pytest.fixture(scope="module")
 def cluster():
     """Two nodes of one CPU each; ``first`` / ``second`` pin an actor to one. Actors get the environment
-    of their node (a small KV cache for the tiny models)."""
+    of their node (a small KV cache for the tiny models). The head gives up on a silent node quickly."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     made = Cluster(
         initialize_head=True,
@@ -44,6 +53,7 @@ def cluster():
             "object_store_memory": NODE_MEMORY,
             "include_dashboard": True,
             "dashboard_port": None,  # the state API (list_actors) asks it
+            "_system_config": FAST_HEALTH_CHECK,
         },  # fmt: skip
     )
     made.add_node(num_cpus=1, resources={"second": 1}, object_store_memory=NODE_MEMORY)
@@ -124,6 +134,41 @@ def test_a_killed_actor_fails_its_requests_within_seconds_naming_stage_and_repli
         assert out.error is None
     finally:
         omni.close()
+    assert pipeline_actors() == []
+
+
+def test_a_node_that_vanishes_fails_its_requests_within_5_s_and_the_other_replica_serves_on(cluster):
+    """A third node's processes freeze (a machine off the network: no socket closes, only the health check
+    notices): the requests of the replica there fail naming stage, replica and node; the other serves on."""
+    node = cluster.add_node(num_cpus=1, resources={"second": 1}, object_store_memory=NODE_MEMORY)
+    frozen = []
+    stages = [echo(0, "first"), echo(1, "second", replicas=2)]
+    stages[1].resources = {"second": 0.6, "num_cpus": 0.1}  # one replica on each of two nodes
+    omni = OmniLLM(stages, launcher=RayLauncher())
+    try:
+        assert omni.generate([{"nbytes": MIB}] * 2, use_tqdm=False)[0].error is None
+        lost = [h for h in omni.manager.running.handles[1:] if node.node_id[:8] in h.where]
+        assert len(lost) == 1, [h.where for h in omni.manager.running.handles]
+        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+        frozen = [raylet, *raylet.children(recursive=True)]
+        start = time.monotonic()
+        for process in frozen:
+            process.send_signal(signal.SIGSTOP)
+        outs = omni.generate([{"nbytes": MIB}] * 4, use_tqdm=False)  # some go to the frozen replica
+        detected = time.monotonic() - start
+        errors = [out.error for out in outs if out.error is not None]
+        print(f"a vanished node's requests failed after {detected:.2f} s: {errors[:1]}")
+        assert errors and len(errors) < 4 and detected < 5, (detected, errors)
+        replica = omni.manager.running.handles.index(lost[0]) - 1
+        assert all(e.startswith(f"stage 1 (echo) replica {replica} died (its Ray actor on ") for e in errors)
+        assert all(f"(node {node.node_id[:8]})" in e for e in errors), errors
+        outs = omni.generate([{"nbytes": MIB}] * 2, use_tqdm=False)  # the other replica serves on
+        assert all(out.error is None for out in outs)
+    finally:
+        omni.close()
+        for process in frozen:
+            process.send_signal(signal.SIGCONT)
+        cluster.remove_node(node)
     assert pipeline_actors() == []
 
 

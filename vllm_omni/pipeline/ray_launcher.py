@@ -10,9 +10,10 @@ Messages: the manager's go through an actor method (``deliver``, numbered: a thr
 of order), the stage's come back through a call the manager's side keeps open (``take``) and land in the
 manager's queue. Large tensors travel in Ray's object store (``ObjectStoreCodec``). A replica is alive
 until its loop ends or its actor dies: the open call fails at once when Ray learns of it (a killed actor,
-a lost node), and the replica's requests fail with it. An actor that no node can hold, or that the
-cluster does not place within ``placement_timeout``, fails the start with what it asked and what the
-cluster has. ``stop`` kills the actor and removes its placement group.
+a lost node once Ray's node health check gives up on it: see ``docs/features/omni_pipelines.md``), and
+the replica's requests fail with it. An actor that no node can hold, or that the cluster does not place
+within ``placement_timeout``, fails the start with what it asked and what the cluster has. ``stop`` kills
+the actor and removes its placement group.
 """
 
 from __future__ import annotations
@@ -115,8 +116,9 @@ class StageActor:
         threading.Thread(target=self._run, args=(config, kind, codec), daemon=True, name="omni-stage").start()
 
     def node(self) -> str:
-        """The address of the node the actor runs on (answered once the actor is placed)."""
-        return ray.util.get_node_ip_address()
+        """The address and Ray node id (its start, as ``ray list nodes`` shows it) of the node the actor
+        runs on (answered once the actor is placed): machines may share an address."""
+        return f"{ray.util.get_node_ip_address()} (node {ray.get_runtime_context().get_node_id()[:8]})"
 
     def deliver(self, serial: int, data: Any) -> None:
         """The manager's message number ``serial``; the loop gets them in order."""
