@@ -35,9 +35,10 @@ NODE_MEMORY = 200 * MIB
 FAST_HEALTH_CHECK = {
     "health_check_period_ms": 300,
     "health_check_timeout_ms": 300,
-    "health_check_failure_threshold": 3,
+    "health_check_failure_threshold": 5,
 }
-"""The head's node health check: a node that stops answering is dead after ~3.5 s (Ray's default: ~64 s)."""
+"""The head's node health check: a node that stops answering is dead within ~3 s (Ray's default: ~64 s).
+Five missed checks, not three: a node of this loaded machine answering late must not count as gone."""
 
 
 @pytest.fixture(scope="module")
