@@ -426,9 +426,10 @@ class StageManager:
         """Send requests to ``stage_id`` under fresh hop ids, each to the live replica with the fewest
         requests in it; returns the tokens of the replicas' answers (one per replica sent to)."""
         batches: dict[int, list[StageRequest]] = {}
-        load = collections.Counter(r.slot for r in self.requests.values())
+        live = self._live_slots(stage_id)
+        load = collections.Counter(r.slot for r in self.requests.values() if len(live) > 1)  # one: no choice
         for request, prompt in zip(requests, prompts, strict=True):
-            slot = min(self._live_slots(stage_id), key=lambda s: (load[s], s))
+            slot = min(live, key=lambda s: (load[s], s))
             load[request.slot] -= 1
             load[slot] += 1
             self._hops.pop(request.hop_id, None)
