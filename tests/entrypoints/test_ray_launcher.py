@@ -14,7 +14,6 @@ import psutil
 import pytest
 import requests
 import torch
-from vllm import SamplingParams
 
 ray = pytest.importorskip("ray")
 
@@ -218,25 +217,31 @@ def test_tensor_parallel_ar_stages_get_a_placement_group_for_their_workers():
 
 @pytest.mark.engine
 def test_an_ar_to_dit_pipeline_across_two_nodes_equals_the_local_one(cluster):
-    ar = create_ar_stage_config(0, tiny_model_path("qwen3"), dtype="float32", max_model_len=256,
+    """The AR stage (node 1) encodes ~300-token prompts for the DiT (node 2): hidden states of 4096 floats
+    a row, over 4 MiB a request, cross through the object store."""
+    ar = create_ar_stage_config(0, tiny_model_path("qwen3_wide"), ["text"], ["hidden_states"],
+                                final_output=False, stage_input="chat_template",
+                                prompt_hidden_states_layer=-2, dtype="float32", max_model_len=512,
                                 enforce_eager=True, resources={"first": 0.1, "num_cpus": 0.1})  # fmt: skip
-    dit = create_dit_stage_config(1, tiny_model_path("sd3"), num_inference_steps=2, height=32, width=32,
+    dit = create_dit_stage_config(1, tiny_model_path("z_image_wide"), ["hidden_states"], ["image"],
+                                  num_inference_steps=2, height=32, width=32,
                                   resources={"second": 0.1, "num_cpus": 0.1})  # fmt: skip
-    prompts = ["A beautiful landscape", "A red sunset over the sea"]
-    params = [
-        SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
-        {"seed": 3, "output_type": "np"},
-    ]
+    prompts = [" ".join(["A beautiful landscape."] * 60), " ".join(["A red sunset over the sea."] * 30)]
+    params = [{"max_tokens": 1}, {"seed": 3, "output_type": "np", "guidance_scale": 0.0}]
     results = []
     for launcher in ("local", "ray"):
-        omni = OmniLLM([ar, dit], launcher=launcher)
+        omni = OmniLLM([ar, dit], launcher=launcher, keep_stage_outputs=True)
         try:
+            if launcher == "ray":
+                assert isinstance(omni.manager.running.codec, ObjectStoreCodec)
             results.append(omni.generate(prompts, params, use_tqdm=False))
         finally:
             omni.close()
     for local, on_ray in zip(*results, strict=True):
         assert local.error is None and on_ray.error is None
-        assert on_ray.text == local.text
+        handed = on_ray.stage_outputs[0].outputs[0].prompt_hidden_states
+        assert handed.shape[1] == 4096 and handed.nbytes >= 4 * MIB
+        torch.testing.assert_close(handed, local.stage_outputs[0].outputs[0].prompt_hidden_states)
         assert np.abs(on_ray.images - local.images).max() <= 1 / 255  # another core count: another sum order
     assert pipeline_actors() == []
 

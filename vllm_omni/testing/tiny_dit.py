@@ -158,18 +158,19 @@ def build_sd3(out: Path) -> None:
     ).save_pretrained(out)
 
 
-def build_z_image(out: Path) -> None:
-    """ZImagePipeline: 2-layer single-stream DiT; its text encoder is the tiny qwen3 LM without ``lm_head``.
+def build_z_image(out: Path, text_encoder_model: str = "qwen3") -> None:
+    """ZImagePipeline: 2-layer single-stream DiT; its text encoder is a tiny qwen3 LM without ``lm_head``.
 
-    The text encoder and tokenizer are exactly those of ``tiny_model_path("qwen3")``, so a vLLM engine serving
-    that checkpoint computes the hidden states the pipeline conditions on (``hidden_states[-2]``).
+    The text encoder and tokenizer are exactly those of ``tiny_model_path(text_encoder_model)``, so a vLLM
+    engine serving that checkpoint computes the hidden states the pipeline conditions on
+    (``hidden_states[-2]``).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import AutoTokenizer, Qwen3Model
 
     from vllm_omni.testing.tiny_models import tiny_model_path
 
-    qwen3 = tiny_model_path("qwen3")
+    qwen3 = tiny_model_path(text_encoder_model)
     text_encoder = Qwen3Model.from_pretrained(qwen3, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(qwen3)
     torch.manual_seed(SEED)

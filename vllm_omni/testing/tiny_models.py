@@ -141,6 +141,17 @@ def build_multimodal_qwen3(out: Path) -> None:
     build_multimodal_qwen3(tiny_model_path("qwen3"), out, MM_QWEN3_MODALITIES, projector_hidden_size=32)
 
 
+def build_qwen3_wide(out: Path) -> None:
+    """The tiny qwen3 at hidden size 4096: a 300-token prompt's hidden states are 4.7 MiB (tests of big
+    hand-offs between stages)."""
+    build_qwen3(out, hidden_size=4096)
+
+
+def build_z_image_wide(out: Path) -> None:
+    """The tiny Z-Image conditioned on ``qwen3_wide``'s hidden states."""
+    tiny_dit.build_z_image(out, text_encoder_model="qwen3_wide")
+
+
 TINY_MODELS: dict[str, Callable[[Path], None]] = {
     "qwen3": build_qwen3,
     "llava": build_llava,
@@ -151,14 +162,21 @@ TINY_MODELS: dict[str, Callable[[Path], None]] = {
     "pixart_sigma": tiny_diffusers.build_pixart_sigma,
     "flux": tiny_diffusers.build_flux,
     "qwen2_5_omni": tiny_qwen2_5_omni.build_qwen2_5_omni,
+    "qwen3_wide": build_qwen3_wide,
+    "z_image_wide": build_z_image_wide,
 }
 # Diffusers-format checkpoints, and the tiny checkpoints a checkpoint is made from (z_image's text encoder and
 # tokenizer are qwen3's): both count in its fingerprint.
-DIFFUSERS_FORMAT = frozenset({"sd3", "z_image", "sd2", "pixart_sigma", "flux"})
-MADE_FROM: dict[str, tuple[str, ...]] = {"z_image": ("qwen3",), "multimodal_qwen3": ("qwen3",)}
+DIFFUSERS_FORMAT = frozenset({"sd3", "z_image", "z_image_wide", "sd2", "pixart_sigma", "flux"})
+MADE_FROM: dict[str, tuple[str, ...]] = {
+    "z_image": ("qwen3",),
+    "z_image_wide": ("qwen3_wide",),
+    "multimodal_qwen3": ("qwen3",),
+}
 # Modules besides the builder's own whose source defines a checkpoint.
 BUILT_WITH: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("sd2", "pixart_sigma", "flux"), ("vllm_omni.testing.tiny_dit",)),  # tokenizers, VAE
+    "z_image_wide": ("vllm_omni.testing.tiny_dit",),  # its builder
     "multimodal_qwen3": (
         "vllm_omni.transformers_utils.multimodal_qwen3_builder",
         "vllm_omni.config.multimodal_qwen3",
