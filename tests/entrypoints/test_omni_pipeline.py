@@ -14,6 +14,7 @@ from vllm_omni import (
 )
 from vllm_omni.config.dit import DiTConfig
 from vllm_omni.diffusion.request import DiffusionSamplingParams
+from vllm_omni.entrypoints.omni_params import pipeline_params, route_end
 from vllm_omni.pipeline.stage_input import tokenizer_source
 from vllm_omni.testing.tiny_models import tiny_model_path
 from vllm_omni.v1.engine.diffusion_engine import create_diffusion_engine
@@ -44,6 +45,29 @@ def test_the_documented_form_returns_text_and_images(omni):
         assert out.prompt == {"prompt": "A beautiful landscape"}
         assert out.text == out.stage_outputs[0].outputs[0].text
         assert out.stage_outputs[1].images is out.images
+
+
+def test_a_request_wanting_text_only_ends_at_the_ar_stage(omni):
+    text_only = omni.generate(["A red cube"] * 2, GREEDY, use_tqdm=False, modalities=["text"])
+    both = omni.generate(["A red cube"], [GREEDY, {"seed": 0}], use_tqdm=False, modalities=["text", "image"])
+    for out in text_only:
+        assert out.error is None and out.stage_id == 0 and list(out.stage_outputs) == [0]
+        assert out.images is None and out.text == both[0].text
+    assert both[0].stage_id == 1 and len(both[0].images) == 1
+    with pytest.raises(
+        ValueError, match=r"modalities must be a non-empty list of \['image', 'text'\], got \['audio'\]"
+    ):
+        omni.generate(["x"], modalities=["audio"])
+
+
+def test_route_end_is_the_stage_that_completes_the_wanted_outputs():
+    thinker = create_ar_stage_config(0, tiny_model_path("qwen3"), ["text"], ["text", "hidden_states"])
+    dit = create_dit_stage_config(1, tiny_model_path("z_image"), ["hidden_states"], ["image"])
+    wanted = (None, ["text"], ["image"], ["image", "text"])
+    assert [route_end([thinker, dit], m) for m in wanted] == [1, 0, 1, 1]
+    (cut,), (whole,) = (pipeline_params([thinker, dit], None, 1, False, m) for m in (["text"], None))
+    assert len(cut) == 1 and "prompt_hidden_states" not in (cut[0].extra_args or {})  # nobody reads them
+    assert len(whole) == 2 and whole[0].extra_args["prompt_hidden_states"] is True
 
 
 def test_text_hand_off_equals_running_the_stages_by_hand(omni, qwen3_llm):

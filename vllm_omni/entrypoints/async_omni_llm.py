@@ -33,17 +33,21 @@ class AsyncOmniLLM:
         self.manager.start_background(self._deliver)
 
     async def generate(
-        self, prompt: Any, sampling_params: Any = None, request_id: str | None = None
+        self,
+        prompt: Any,
+        sampling_params: Any = None,
+        request_id: str | None = None,
+        modalities: list[str] | None = None,
     ) -> AsyncIterator[OmniRequestOutput]:
         """Run one ``prompt`` through the pipeline, yielding its snapshots until it finishes.
 
-        ``sampling_params`` as in ``OmniLLM.generate`` for one prompt. Cancelling the consumer (e.g. a
-        client disconnect) aborts the request in whichever stage serves it.
+        ``sampling_params`` and ``modalities`` as in ``OmniLLM.generate`` for one prompt. Cancelling the
+        consumer (e.g. a client disconnect) aborts the request in whichever stage serves it.
         """
         request_id = request_id or uuid4().hex
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in the pipeline")
-        params = pipeline_params(self.stages, sampling_params, 1, streaming=True)[0]
+        params = pipeline_params(self.stages, sampling_params, 1, streaming=True, modalities=modalities)[0]
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         # The first stage's input function may be slow (e.g. loading a tokenizer): not on the loop. A thread

@@ -38,7 +38,11 @@ class OmniLLM:
         self._ids = count()
 
     def generate(
-        self, prompts: Any, sampling_params: Any = None, use_tqdm: bool = True
+        self,
+        prompts: Any,
+        sampling_params: Any = None,
+        use_tqdm: bool = True,
+        modalities: list[str] | None = None,
     ) -> list[OmniRequestOutput]:
         """Run ``prompts`` (one prompt or a list; a prompt is a string or a dict) through the pipeline.
 
@@ -46,13 +50,15 @@ class OmniLLM:
         entry for every stage; an entry is the stage's params object (``vllm.SamplingParams`` for ``ar``,
         ``DiffusionSamplingParams`` for ``dit``), a dict of its fields, or a list with one per prompt
         (``vllm_omni.entrypoints.omni_params.pipeline_params``).
+        ``modalities``: the outputs wanted (e.g. ``["text"]``; default: every final stage's); the requests
+        skip the stages after the one that completes them (ValueError naming what the pipeline offers).
         Every stage's params are checked before anything runs (ValueError naming the stage and the field).
         A prompt the first stage rejects fails the call (ValueError) and runs nothing; a later stage's
         rejection or failure is the request's ``error``. More prompts than the stages' queues hold are fed
         as earlier ones leave (a first-stage rejection among those fails the call and aborts the rest).
         """
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-        params = pipeline_params(self.stages, sampling_params, len(prompts), streaming=False)
+        params = pipeline_params(self.stages, sampling_params, len(prompts), False, modalities)
         for stage_params in params:
             self.manager.check_params(stage_params)
         ids = [f"omni-{next(self._ids)}" for _ in prompts]

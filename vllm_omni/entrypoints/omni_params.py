@@ -9,26 +9,54 @@ from vllm_omni.pipeline.kinds import get_stage_kind
 
 
 def pipeline_params(
-    stages: list[OmniStageConfig], sampling_params: Any, num_prompts: int, streaming: bool
+    stages: list[OmniStageConfig],
+    sampling_params: Any,
+    num_prompts: int,
+    streaming: bool,
+    modalities: list[str] | None = None,
 ) -> list[list[Any]]:
-    """Each prompt's params object per stage.
+    """Each prompt's params object per stage of its route.
 
     ``sampling_params``: a list with one entry per stage (for a pipeline of several stages), or a single
     entry for every stage; an entry is the stage's params object, a dict of its fields, or a list with one
     per prompt. Each stage's kind builds its params object and adjusts it to how the pipeline runs
     (``streaming``: whether snapshots are wanted while a request runs; e.g. an AR stage then streams its
     tokens only when it is a final stage without hidden states).
+    ``modalities``: the outputs the requests want (``route_end``); the route stops at the stage that
+    completes them.
     """
-    read = {stage.source_stage for stage in stages}
+    end = route_end(stages, modalities)
+    read = {stage.source_stage for stage in stages[: end + 1]}
     per_stage = []
-    for index, stage in enumerate(stages):
+    for index, stage in enumerate(stages[: end + 1]):
         kind = get_stage_kind(stage.engine_type)
         entries = _per_prompt(_stage_entry(sampling_params, len(stages), index), num_prompts)
-        handed_on = stage.stage_id in read
+        handed_on, cut_short = stage.stage_id in read, index == end < len(stages) - 1
         per_stage.append(
-            [kind.prepare_params(stage, kind.make_params(stage, e), streaming, handed_on) for e in entries]
+            [
+                kind.prepare_params(stage, kind.make_params(stage, e), streaming, handed_on, cut_short)
+                for e in entries
+            ]
         )
     return [list(p) for p in zip(*per_stage, strict=True)]
+
+
+def route_end(stages: list[OmniStageConfig], modalities: list[str] | None) -> int:
+    """The index of the last stage a request wanting ``modalities`` runs: the first stage by which final
+    stages have produced them all (``None``: every stage). A Qwen2.5-Omni request wanting ``["text"]``
+    ends at the thinker, one wanting ``["audio"]`` runs the talker and code2wav too."""
+    if modalities is None:
+        return len(stages) - 1
+    offered = [m for s in stages if s.final_output for m in s.output_modalities]
+    unknown = [m for m in modalities if m not in offered]
+    if not modalities or unknown:
+        raise ValueError(f"modalities must be a non-empty list of {sorted(set(offered))}, got {modalities!r}")
+    produced: set[str] = set()
+    for index, stage in enumerate(stages):
+        produced |= set(stage.output_modalities) if stage.final_output else set()
+        if produced >= set(modalities):
+            return index
+    raise AssertionError("unreachable: every wanted modality is offered")
 
 
 def _stage_entry(sampling_params: Any, num_stages: int, index: int) -> Any:

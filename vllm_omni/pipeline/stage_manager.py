@@ -51,7 +51,8 @@ class OmniQueueFullError(RuntimeError):
 @dataclass
 class _Request:
     params: list[Any]
-    """The request's params object for each stage."""
+    """The request's params object for each stage of its route: stages 0 to ``len(params) - 1`` (a request
+    that wants none of the later stages' outputs ends early)."""
     result: OmniRequestOutput
     stage: int = 0
     """The stage serving the request now."""
@@ -118,7 +119,8 @@ class StageManager:
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_requests(self, requests: list[tuple[str, Any, list[Any]]], wait: bool = True) -> None:
-        """Send ``(request_id, prompt, params per stage)`` to the first stage.
+        """Send ``(request_id, prompt, params per stage)`` to the first stage (params for the stages of the
+        request's route: all, or the first few when it ends early).
 
         Every stage's params are checked first (ValueError naming the stage and the field), and the
         stages' queue bounds (``OmniQueueFullError``); nothing runs for a refused batch. ``wait``: block
@@ -151,9 +153,10 @@ class StageManager:
 
     def check_params(self, params: list[Any]) -> None:
         """Refuse (ValueError naming the stage and the field) params one of the stages would refuse."""
-        for stage, kind, limits, stage_params in zip(
-            self.stages, self.kinds, self.running.limits, params, strict=True
-        ):
+        if not 1 <= len(params) <= len(self.stages):
+            raise ValueError(f"params for 1 to {len(self.stages)} stages, got {len(params)}")
+        route = zip(self.stages, self.kinds, self.running.limits, params, strict=False)  # params: the route's
+        for stage, kind, limits, stage_params in route:
             try:
                 kind.check_params(limits, stage_params)
             except ValueError as error:
@@ -320,7 +323,7 @@ class StageManager:
         if request is None:  # aborted or failed meanwhile: drop it (and free its segments)
             self.running.codec.loads(news.payload)
             return
-        stage, last = self.stages[stage_id], stage_id == len(self.stages) - 1
+        stage, last = self.stages[stage_id], stage_id == len(request.params) - 1  # its route's last stage
         hands_on = news.finished and news.error is None and not last
         kept: list[str] = []
         output = self.running.codec.loads(news.payload, keep=kept if hands_on else None)

@@ -90,13 +90,19 @@ class ARStageKind(StageKind):
             params.extra_args = {**(params.extra_args or {}), "prompt_hidden_states": True}
         return params
 
-    def prepare_params(self, config: OmniStageConfig, params: Any, streaming: bool, handed_on: bool) -> Any:
+    def prepare_params(
+        self, config: OmniStageConfig, params: Any, streaming: bool, handed_on: bool, cut_short: bool = False
+    ) -> Any:
         """Stream tokens (each a snapshot) only where someone sees them: when ``streaming``, on a final
         stage, without hidden states (not the tensor with every token). DELTA (each snapshot holds the new
-        tokens only, as vLLM's server streams) only where no later stage needs the whole output."""
+        tokens only, as vLLM's server streams) only where no later stage needs the whole output. A request
+        ``cut_short`` here captures no hidden states (they are for the stages it skips)."""
         from vllm.sampling_params import RequestOutputKind
 
-        if not streaming or not config.final_output or "hidden_states" in config.output_modalities:
+        hidden_states = "hidden_states" in config.output_modalities and not cut_short
+        if cut_short and params.extra_args:
+            params.extra_args = {k: v for k, v in params.extra_args.items() if k != "prompt_hidden_states"}
+        if not streaming or not config.final_output or hidden_states:
             params.output_kind = RequestOutputKind.FINAL_ONLY
         elif params.output_kind == RequestOutputKind.DELTA and handed_on:
             raise ValueError(

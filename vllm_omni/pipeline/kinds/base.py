@@ -102,9 +102,12 @@ class StageKind:
         """The stage's params object for a user's ``entry``: ``None``, a dict of its fields, or the object."""
         raise NotImplementedError
 
-    def prepare_params(self, config: OmniStageConfig, params: Any, streaming: bool, handed_on: bool) -> Any:
+    def prepare_params(
+        self, config: OmniStageConfig, params: Any, streaming: bool, handed_on: bool, cut_short: bool = False
+    ) -> Any:
         """Adjust ``params`` to how the pipeline runs (``streaming``: snapshots are wanted while it runs;
-        ``handed_on``: a later stage reads this stage's output)."""
+        ``handed_on``: a later stage of the request's route reads this stage's output; ``cut_short``: the
+        route ends here although later stages exist, the request wants none of their outputs)."""
         return params
 
     def check_params(self, limits: Any, params: Any) -> None:

@@ -47,7 +47,12 @@ class Code2WavStageKind(StageKind):
         raise ValueError(f"stage {config.stage_id} (code2wav) takes Code2WavParams or a dict, got {got}")
 
     def prepare_params(
-        self, config: OmniStageConfig, params: Code2WavParams, streaming: bool, handed_on: bool
+        self,
+        config: OmniStageConfig,
+        params: Code2WavParams,
+        streaming: bool,
+        handed_on: bool,
+        cut_short: bool = False,
     ) -> Code2WavParams:
         """Send chunks as they are made only where someone sees them: a final stage of a stream."""
         return dataclasses.replace(params, emit_chunks=streaming and config.final_output)
