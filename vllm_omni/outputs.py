@@ -8,7 +8,7 @@ from vllm.outputs import CompletionOutput, RequestOutput
 from vllm_omni.multimodal.mm_embedding import MMEmbeddingItem
 
 # Fields that RequestOutput.add carries over when streamed outputs are merged.
-KEPT_FIELDS = ("mm_embedding", "mm_embedding_items", "prompt_hidden_states")
+KEPT_FIELDS = ("mm_embedding", "mm_embedding_items", "prompt_hidden_states", "hidden_states")
 
 
 @dataclass
@@ -23,23 +23,36 @@ class OmniCompletionOutput(CompletionOutput):
         prompt_hidden_states: CPU tensor ``(num_prompt_tokens, hidden)`` in the model dtype: the
             prompt's hidden states of the engine's ``prompt_hidden_states_layer`` (transformers'
             ``output_hidden_states`` indexing), one row per prompt token; ``None`` unless the engine
-            has ``return_prompt_hidden_states`` on and the request asked for them.
+            has ``return_prompt_hidden_states`` on with one layer and the request asked for them.
+        hidden_states: ``{layer: CPU tensor (num_rows, hidden)}`` in the model dtype, one entry per
+            layer of ``prompt_hidden_states_layer`` as configured, rows in position order: the prompt's
+            (engines configured with a list of layers; requests asking ``True``), or the prompt's then
+            every generated token fed back to the model, ``num_prompt_tokens + num_output_tokens - 1``
+            rows, in the final output (requests asking ``"all"``); ``None`` otherwise.
     """
 
     mm_embedding: torch.Tensor | None = None
     mm_embedding_items: list[MMEmbeddingItem] | None = None
     prompt_hidden_states: torch.Tensor | None = None
+    hidden_states: dict[int, torch.Tensor] | None = None
 
     def __repr__(self) -> str:
         stock = super().__repr__()
         return (
             f"{stock[:-1]}, mm_embedding={_describe(self.mm_embedding)}, "
-            f"prompt_hidden_states={_describe(self.prompt_hidden_states)})"
+            f"prompt_hidden_states={_describe(self.prompt_hidden_states)}, "
+            f"hidden_states={_describe_layers(self.hidden_states)})"
         )
 
 
 def _describe(tensor: torch.Tensor | None) -> str:
     return "None" if tensor is None else f"Tensor(shape={tuple(tensor.shape)}, dtype={tensor.dtype})"
+
+
+def _describe_layers(layers: dict[int, torch.Tensor] | None) -> str:
+    if layers is None:
+        return "None"
+    return "{" + ", ".join(f"{layer}: {_describe(tensor)}" for layer, tensor in layers.items()) + "}"
 
 
 _stock_add = RequestOutput.add

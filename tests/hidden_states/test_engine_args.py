@@ -20,6 +20,8 @@ def test_cli_flags_parse_into_async_engine_args():
     args = parser.parse_args(["--return-prompt-hidden-states", "--prompt-hidden-states-layer", "-2"])
     engine_args = AsyncEngineArgs.from_cli_args(args)
     assert (engine_args.return_prompt_hidden_states, engine_args.prompt_hidden_states_layer) == (True, -2)
+    several = parser.parse_args(["--return-prompt-hidden-states", "--prompt-hidden-states-layer", "0", "-1"])
+    assert AsyncEngineArgs.from_cli_args(several).prompt_hidden_states_layer == [0, -1]
     default = AsyncEngineArgs.from_cli_args(parser.parse_args([]))
     assert (default.return_prompt_hidden_states, default.prompt_hidden_states_layer) == (False, -1)
 
@@ -31,8 +33,14 @@ def test_config_carries_the_layer_only_when_on(qwen3_path):
     off_config = EngineArgs(model=qwen3_path).create_engine_config()
     assert "omni_prompt_hidden_states" not in off_config.additional_config
     last = EngineArgs(model=qwen3_path, return_prompt_hidden_states=True).create_engine_config()
+    several = EngineArgs(
+        model=qwen3_path, return_prompt_hidden_states=True, prompt_hidden_states_layer=[0, -1]
+    )
+    several_config = several.create_engine_config()
+    assert several_config.additional_config == {"omni_prompt_hidden_states": {"layer": [0, -1]}}
     # Another layer is another compiled graph: the settings enter the compile-cache hash.
-    assert len({on_config.compute_hash(), off_config.compute_hash(), last.compute_hash()}) == 3
+    hashes = {c.compute_hash() for c in (on_config, off_config, last, several_config)}
+    assert len(hashes) == 4
 
 
 def test_vllm_serve_help_documents_the_flags():

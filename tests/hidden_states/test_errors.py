@@ -76,6 +76,32 @@ def test_bad_request_option_fails_when_sampling_params_are_built(value):
         SamplingParams(extra_args={"prompt_hidden_states": value})
 
 
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        (
+            [],
+            "prompt_hidden_states_layer must be an integer or a non-empty list of distinct integers, got []",
+        ),
+        ([0, 0], "must be an integer or a non-empty list of distinct integers, got [0, 0]"),
+        ([0, "1"], "must be an integer or a non-empty list of distinct integers, got [0, '1']"),
+        ([0, 3], "prompt_hidden_states_layer must be in -3..2 for a model with 2 layers, got 3"),
+        ([-1, 2], "prompt_hidden_states_layer=[-1, 2] names a layer twice for a model with 2 layers"),
+    ],
+)
+def test_bad_layer_lists_are_refused_when_the_config_is_built(qwen3_path, layer, message):
+    args = EngineArgs(model=qwen3_path, return_prompt_hidden_states=True, prompt_hidden_states_layer=layer)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        args.create_engine_config()
+
+
+def test_all_positions_with_stop_strings_are_refused_when_sampling_params_are_built():
+    message = "extra_args['prompt_hidden_states']='all' does not support stop strings (stop=['.'])"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SamplingParams(stop=["."], extra_args={"prompt_hidden_states": "all"})
+    SamplingParams(stop_token_ids=[5], extra_args={"prompt_hidden_states": "all"})  # token ids are fine
+
+
 @pytest.mark.engine
 def test_asking_an_engine_without_the_feature_fails_and_it_keeps_serving(qwen3_llm):
     message = (

@@ -3,8 +3,8 @@
 ``LLM(..., enable_return_mm_embedding=True)``, ``EngineArgs(enable_return_mm_embedding=True)`` and
 ``vllm serve ... --enable-return-mm-embedding`` all land in
 ``vllm_config.model_config.multimodal_config.enable_return_mm_embedding``.
-``LLM(..., return_prompt_hidden_states=True, prompt_hidden_states_layer=-2)`` (CLI
-``--return-prompt-hidden-states --prompt-hidden-states-layer -2``) lands in
+``LLM(..., return_prompt_hidden_states=True, prompt_hidden_states_layer=-2)`` (or a list of layers; CLI
+``--return-prompt-hidden-states --prompt-hidden-states-layer -2``, or ``0 -1``) lands in
 ``vllm_config.additional_config["omni_prompt_hidden_states"]`` (``vllm_omni.config.prompt_hidden_states``).
 With either feature on, ``create_engine_config`` also names the EngineCore scheduler that collects their
 per-request data (``scheduler_config.scheduler_cls``, see ``vllm_omni.v1.core.sched.output_collectors``).
@@ -31,8 +31,8 @@ class OmniEngineArgs(EngineArgs):
     """Return the prompt's multimodal encoder embeddings (see ``OmniMultiModalConfig``)."""
     return_prompt_hidden_states: bool = phs.PromptHiddenStatesConfig.return_prompt_hidden_states
     """Return the prompt's hidden states to requests that opt in (see ``PromptHiddenStatesConfig``)."""
-    prompt_hidden_states_layer: int = phs.PromptHiddenStatesConfig.prompt_hidden_states_layer
-    """Layer of those hidden states, transformers' ``output_hidden_states`` indexing (-1 = last)."""
+    prompt_hidden_states_layer: int | list[int] = phs.PromptHiddenStatesConfig.prompt_hidden_states_layer
+    """Layer(s) of those hidden states, transformers' ``output_hidden_states`` indexing (-1 = last)."""
 
     @staticmethod
     def add_cli_args(parser):
@@ -93,7 +93,16 @@ def add_omni_cli_args(parser: argparse.ArgumentParser) -> None:
     phs_group = parser.add_argument_group(_PHS_GROUP_TITLE, phs.PromptHiddenStatesConfig.__doc__)
     phs_kwargs = get_kwargs(phs.PromptHiddenStatesConfig)
     phs_group.add_argument("--return-prompt-hidden-states", **phs_kwargs["return_prompt_hidden_states"])
-    phs_group.add_argument("--prompt-hidden-states-layer", **phs_kwargs["prompt_hidden_states_layer"])
+    phs_group.add_argument(
+        "--prompt-hidden-states-layer", **phs_kwargs["prompt_hidden_states_layer"], action=_OneOrList
+    )
+
+
+class _OneOrList(argparse.Action):
+    """Store one value as itself and several as a list (``--prompt-hidden-states-layer -2`` or ``0 -1``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values[0] if len(values) == 1 else values)
 
 
 def swap_engine_args(module) -> None:

@@ -32,11 +32,13 @@ def engine_report(llm) -> dict[str, Any]:
 def add_engine_core_utility(module) -> None:
     """Give ``EngineCore`` an ``omni_patch_report`` utility method (clients call it by name).
 
-    Beside the layer's state it counts the requests whose mm_embedding items or prompt hidden states
-    the scheduler holds (``None`` while a feature is off: vLLM's own scheduler runs).
+    Beside the layer's state it counts the requests whose mm_embedding items, prompt hidden states or
+    per-layer hidden-state rows the scheduler holds (``None`` while a feature is off: vLLM's own
+    scheduler runs).
     """
 
     def omni_patch_report(self) -> dict[str, Any]:
+        from vllm_omni.v1.core.sched.hidden_states import HiddenStatesCollector
         from vllm_omni.v1.core.sched.mm_embedding import MMEmbeddingCollector
         from vllm_omni.v1.core.sched.output_collectors import collector
         from vllm_omni.v1.core.sched.prompt_hidden_states import PromptHiddenStatesCollector
@@ -49,6 +51,7 @@ def add_engine_core_utility(module) -> None:
             **process_report(),
             "mm_embedding_requests": held(MMEmbeddingCollector),
             "prompt_hidden_states_requests": held(PromptHiddenStatesCollector),
+            "hidden_states_requests": held(HiddenStatesCollector),
         }
 
     module.EngineCore.omni_patch_report = omni_patch_report

@@ -48,7 +48,7 @@ def patch_sampling_params(module) -> None:
     def _verify_args(self) -> None:
         stock_verify(self)
         MMEmbeddingParams.from_extra_args(self.extra_args)
-        phs.requested(self.extra_args)
+        phs.check_request(self)
 
     params_cls._verify_args = _verify_args
 

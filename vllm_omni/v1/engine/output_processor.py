@@ -1,9 +1,9 @@
 """Frontend side of per-request outputs: from ``EngineCoreOutput`` fields to ``CompletionOutput``.
 
-``mm_embedding`` and ``prompt_hidden_states`` each arrive once from the EngineCore. Delivery follows
-the request's output kind: ``DELTA`` streams carry each in exactly one output (the first after it
-arrives, never later than the final one); cumulative streams carry it in every output from then on
-(the same tensor, not a copy); ``FINAL_ONLY`` carries it in the final output.
+``mm_embedding``, ``prompt_hidden_states`` and ``hidden_states`` each arrive once from the EngineCore.
+Delivery follows the request's output kind: ``DELTA`` streams carry each in exactly one output (the first
+after it arrives, never later than the final one); cumulative streams carry it in every output from then
+on (the same tensor, not a copy); ``FINAL_ONLY`` carries it in the final output.
 """
 
 from collections.abc import Callable
@@ -22,10 +22,15 @@ def _deliver_prompt_hidden_states(completion, received) -> None:
     completion.prompt_hidden_states = received
 
 
+def _deliver_hidden_states(completion, received) -> None:
+    completion.hidden_states = received
+
+
 # EngineCoreOutput field -> how it lands on the CompletionOutput.
 DELIVERIES: dict[str, Callable[[Any, Any], None]] = {
     "mm_embedding": _deliver_mm_embedding,
     "prompt_hidden_states": _deliver_prompt_hidden_states,
+    "hidden_states": _deliver_hidden_states,
 }
 
 

@@ -1,7 +1,8 @@
 """``EngineCoreOutput(s)`` with trailing per-request fields (swapped into ``vllm.v1.engine``).
 
-``mm_embedding`` (the prompt's multimodal encoder embeddings) and ``prompt_hidden_states`` (the
-prompt's hidden states of the configured layer) are each sent once per request. Tensors cross
+``mm_embedding`` (the prompt's multimodal encoder embeddings), ``prompt_hidden_states`` (the
+prompt's hidden states of the configured layer) and ``hidden_states`` (the rows of several layers, or of
+the prompt and the generated tokens) are each sent once per request. Tensors cross
 EngineCore -> frontend through vLLM's own ``MsgpackEncoder``/``MsgpackDecoder`` as out-of-band buffers
 (no pickle, no copy into the message). Outputs without them cost one msgpack nil per
 field (array-like structs are written in full), and a decoder built for the stock class drops them.
@@ -32,11 +33,12 @@ class MMEmbeddingOutput(msgspec.Struct, array_like=True, gc=False):
 
 
 class OmniEngineCoreOutput(EngineCoreOutput, array_like=True, omit_defaults=True, gc=False):
-    """vLLM's per-request engine output plus the request's multimodal embeddings and prompt hidden
-    states (each sent once)."""
+    """vLLM's per-request engine output plus the request's multimodal embeddings and hidden states
+    (each sent once)."""
 
     mm_embedding: MMEmbeddingOutput | None = None
     prompt_hidden_states: torch.Tensor | None = None
+    hidden_states: dict[int, torch.Tensor] | None = None
 
 
 class OmniEngineCoreOutputs(EngineCoreOutputs, array_like=True, omit_defaults=True, gc=False):

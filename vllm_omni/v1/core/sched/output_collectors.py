@@ -23,10 +23,11 @@ from __future__ import annotations
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
+from vllm_omni.v1.core.sched.hidden_states import HiddenStatesCollector
 from vllm_omni.v1.core.sched.mm_embedding import MMEmbeddingCollector
 from vllm_omni.v1.core.sched.prompt_hidden_states import PromptHiddenStatesCollector
 
-COLLECTOR_TYPES: tuple[type, ...] = (MMEmbeddingCollector, PromptHiddenStatesCollector)
+COLLECTOR_TYPES: tuple[type, ...] = (MMEmbeddingCollector, PromptHiddenStatesCollector, HiddenStatesCollector)
 
 
 class OutputCollectingScheduler:
@@ -82,7 +83,8 @@ def collector(scheduler, collector_cls: type):
 
 def enabled_arguments(vllm_config) -> list[str]:
     """The engine arguments of the features on in ``vllm_config`` that send per-request data."""
-    return [cls.argument for cls in COLLECTOR_TYPES if cls.enabled(vllm_config)]
+    # dict.fromkeys: one feature (argument) may have several collectors.
+    return list(dict.fromkeys(cls.argument for cls in COLLECTOR_TYPES if cls.enabled(vllm_config)))
 
 
 def use_collecting_scheduler(vllm_config, arguments: list[str]) -> None:
