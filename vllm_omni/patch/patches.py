@@ -52,8 +52,8 @@ PATCHES: tuple[Patch, ...] = (
         module="vllm.outputs",
         apply="vllm_omni.outputs:patch_outputs",
         target="vllm.outputs:CompletionOutput -> OmniCompletionOutput; RequestOutput.add",
-        reason="CompletionOutput gains mm_embedding, mm_embedding_items and prompt_hidden_states; "
-        "merged streaming outputs must keep them.",
+        reason="CompletionOutput gains mm_embedding, mm_embedding_items, prompt_hidden_states and "
+        "hidden_states; merged streaming outputs must keep them.",
         before_first_use=True,
         wraps=("vllm.outputs:RequestOutput.add",),
         vllm_tests=("tests/test_outputs.py", "tests/v1/test_outputs.py"),
@@ -63,7 +63,7 @@ PATCHES: tuple[Patch, ...] = (
         module="vllm.v1.engine",
         apply="vllm_omni.v1.engine.outputs:swap_engine_core_outputs",
         target="vllm.v1.engine:EngineCoreOutput(s) -> Omni subclasses with mm_embedding, "
-        "prompt_hidden_states",
+        "prompt_hidden_states, hidden_states",
         reason="The tensors travel EngineCore -> frontend with the request's output (msgspec "
         "struct, zero-copy tensor buffers); msgspec structs cannot gain a field in place.",
         before_first_use=True,
@@ -97,8 +97,8 @@ PATCHES: tuple[Patch, ...] = (
         apply="vllm_omni.v1.engine.output_processor:patch_output_processor",
         target="vllm.v1.engine.output_processor:RequestState -> OmniRequestState; "
         "OutputProcessor.process_outputs",
-        reason="Deliver EngineCoreOutput.mm_embedding / prompt_hidden_states into CompletionOutput per "
-        "output kind.",
+        reason="Deliver EngineCoreOutput.mm_embedding / prompt_hidden_states / hidden_states into "
+        "CompletionOutput per output kind.",
         wraps=(
             "vllm.v1.engine.output_processor:OutputProcessor.process_outputs",
             "vllm.v1.engine.output_processor:RequestState._new_completion_output",
@@ -161,10 +161,12 @@ PATCHES: tuple[Patch, ...] = (
         "update, gather, execute, sample; one wrap each, shared by every capture",
         reason="Capture per request in the worker and send it on ModelRunnerOutput: mm_embedding reads "
         "each item from the encoder cache when it is gathered (encoder runs, cache hits, chunked "
-        "prefill); prompt hidden states ask the model for the layer's auxiliary output at load "
-        "(EAGLE-3's path, before any compile) and copy each opted-in request's prompt rows after every "
-        "forward pass. Finished and aborted requests are freed. vLLM has no setting for the runner "
-        "class (docs/patch_layer.md); on engines without these features the wraps call straight through.",
+        "prefill); hidden states ask the model for the layers' auxiliary outputs at load "
+        "(EAGLE-3's path, before any compile) and copy each opted-in request's rows after every "
+        "forward pass (one layer's prompt: sent once; several layers or every position: each step's "
+        "rows, assembled in the EngineCore). Finished and aborted requests are freed. vLLM has no "
+        "setting for the runner class (docs/patch_layer.md); on engines without these features the "
+        "wraps call straight through.",
         wraps=(
             "vllm.v1.worker.gpu_model_runner:GPUModelRunner._setup_eagle3_aux_hidden_state_outputs",
             "vllm.v1.worker.gpu_model_runner:GPUModelRunner._update_states",
