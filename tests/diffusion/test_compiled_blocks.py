@@ -4,10 +4,12 @@ step cache on top, the eager fallback (tiny pipelines on CPU, inductor, 32x32)."
 from __future__ import annotations
 
 import logging
+from logging.handlers import BufferingHandler
 
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from tests.diffusion.conftest import FAMILIES, GUIDANCE, run_all
 from tests.diffusion.test_dit_engine import PROMPTS, init_image
@@ -18,6 +20,8 @@ from vllm_omni.diffusion.request import DiffusionSamplingParams as Params
 from vllm_omni.testing.tiny_models import tiny_model_path
 from vllm_omni.v1.engine.diffusion_engine import DiffusionEngine
 
+CAPTIONS = ("a", PROMPTS[1], "word " * 30, "word " * 50, "word " * 90)
+"""Captions of 11 to about 200 tokens: Z-Image pads them to 1 to 7 blocks of 32, so each is a new length."""
 TOLERANCE = 1e-4
 """Largest pixel difference (0..1, float32) called equal; measured ~1e-6 (docs/features/dit_engine.md)."""
 
@@ -85,16 +89,27 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, caplo
     assert serve(eager, requests("sd3")[1:2])["unguided"].std() > 0.01
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_compiled_equals_eager_and_padding_keeps_rows(family, caplog):
+@pytest.fixture(scope="module", params=FAMILIES)
+def engines(request) -> tuple[DiffusionEngine, DiffusionEngine, str]:
+    """A compiled and an eager engine of one family, and the compiled one's log at start."""
+    logs, package = BufferingHandler(capacity=1000), logging.getLogger("vllm_omni")
+    package.addHandler(logs)
+    try:
+        compiled = engine(request.param, "on")
+    finally:
+        package.removeHandler(logs)
+    return compiled, engine(request.param, "off"), "\n".join(r.getMessage() for r in logs.buffer)
+
+
+def test_compiled_equals_eager_and_padding_keeps_rows(engines):
     """Text-to-image and image-to-image batched (3 rows in a bucket of 4) equal the eager engine's images;
     a request alone equals itself in the padded batch."""
-    with caplog.at_level(logging.INFO, logger="vllm_omni"):
-        compiled = engine(family, "on")
-    assert "compiled transformer blocks warmed up for batch sizes [1, 2, 4] at 32x32 in" in caplog.text
+    compiled, eager, log = engines
+    assert "compiled transformer blocks warmed up for batch sizes [1, 2, 4] at 32x32 in" in log
     assert compiled.runner.compiled is not None
+    family = compiled.runner.family.name
     batch = requests(family)
-    ours, theirs = serve(compiled, batch), serve(engine(family, "off"), batch)
+    ours, theirs = serve(compiled, batch), serve(eager, batch)
     for request_id, image in theirs.items():
         assert np.abs(ours[request_id] - image).max() < TOLERANCE, request_id
     alone = serve(compiled, [batch[1]])["unguided"]
@@ -114,3 +129,23 @@ def test_step_cache_on_compiled_blocks():
     assert ours_cache.computed == their_cache.computed
     for request_id, image in theirs.items():
         assert np.abs(ours[request_id] - image).max() < TOLERANCE, request_id
+
+
+def test_new_caption_lengths_compile_no_new_graph(engines):
+    """After the warm-up, captions of new lengths, alone (guided or not) and batched together (rows of
+    different lengths: an attention mask), compile no new graph, and equal the eager engine's images.
+    Z-Image's caption length changes its blocks' sequence length; SD3 pads every caption to one length."""
+    compiled, eager, _ = engines
+    guidance = GUIDANCE[compiled.runner.family.name]
+
+    def params(seed: int, guided: bool) -> Params:
+        return Params(num_inference_steps=1, guidance_scale=guidance * guided, seed=seed, output_type="np")
+
+    alone = [[(f"alone{i}", caption, params(i, i % 2 == 0))] for i, caption in enumerate(CAPTIONS)]
+    mixed = [(f"mixed{i}", CAPTIONS[i], params(10 + i, i != 1)) for i in (0, 4, 2)]
+    graphs = counters["stats"]["unique_graphs"]
+    ours = [serve(compiled, batch) for batch in (*alone, mixed)]
+    assert counters["stats"]["unique_graphs"] - graphs == 0
+    for batch, images in zip((*alone, mixed), ours, strict=True):
+        for request_id, image in serve(eager, batch).items():
+            assert np.abs(images[request_id] - image).max() < TOLERANCE, request_id

@@ -8,9 +8,12 @@ repeating the last row, runs, and drops the padding rows: the batch dimension ta
 recompiles are bounded. Rows of a transformer block never mix (attention is within a row), so padding rows
 do not change real rows beyond the kernels' own batch-size rounding.
 
-The batch dimension is marked static; other dimensions (image tokens, Z-Image's caption length) follow
-dynamo's automatic dynamic shapes: the first shape compiles a static graph per bucket, a second one a graph
-generic in those dimensions, which serves every later shape. Installed by setting each block's ``forward``
+The batch dimension is marked static; other dimensions follow dynamo's automatic dynamic shapes (the first
+shape compiles a static graph per bucket, a second one a graph generic in those dimensions, which serves
+every later shape) unless the family makes them uniform first (its ``compiled_block_args``, applied after
+padding): Z-Image's token count changes with every caption length, so its blocks get a sequence dimension
+marked dynamic from the first compile and always an attention mask, and the warm-up's graphs serve every
+caption and image size. Installed by setting each block's ``forward``
 (the module tree and the weights stay as loaded), so the step cache, which calls blocks one by one on a
 subset of rows, gets buckets too.
 """
@@ -30,9 +33,13 @@ logger = init_logger(__name__)
 
 BACKEND = "inductor"
 """The ``torch.compile`` backend (a test swaps it for one that fails)."""
+PrepareArgs = Callable[[tuple, dict], tuple[tuple, dict]]
+"""Makes a padded block call's ``(args, kwargs)`` what the compiled graphs take (a family's
+``compiled_block_args``)."""
 GRAPHS_PER_BUCKET = 8
 """Graphs one block's code may compile per bucket before dynamo stops compiling it: block variants (SD3's
-last block differs) x a static and a shape-generic graph x an attention mask or none."""
+last block differs, Z-Image's context refiner has no modulation) x a static and a shape-generic graph x an
+attention mask or none (Z-Image: one generic graph with a mask per variant)."""
 
 
 def batch_buckets(max_rows: int) -> tuple[int, ...]:
@@ -44,10 +51,17 @@ def batch_buckets(max_rows: int) -> tuple[int, ...]:
 class BucketedForward:
     """Stands in for one block's ``forward``: pads the batch to a bucket, runs the compiled forward, trims."""
 
-    def __init__(self, eager: Callable[..., Any], compiled: Callable[..., Any], buckets: tuple[int, ...]):
+    def __init__(
+        self,
+        eager: Callable[..., Any],
+        compiled: Callable[..., Any],
+        buckets: tuple[int, ...],
+        prepare: PrepareArgs = lambda args, kwargs: (args, kwargs),
+    ):
         self.eager = eager
         self.compiled = compiled
         self.buckets = buckets
+        self.prepare = prepare
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         batch = _batch_size(args, kwargs)
@@ -57,13 +71,18 @@ class BucketedForward:
         size = self.buckets[index]
         args = tuple(_pad(a, batch, size) for a in args)
         kwargs = {k: _pad(v, batch, size) for k, v in kwargs.items()}
+        args, kwargs = self.prepare(args, kwargs)
+        _mark_batch_static((*args, *kwargs.values()), size)
         return _trim(self.compiled(*args, **kwargs), size, batch)
 
 
 class CompiledBlocks:
     """The compiled block lists of one transformer; ``disable`` puts the eager forwards back."""
 
-    def __init__(self, transformer: nn.Module, block_lists: tuple[str, ...], max_rows: int) -> None:
+    def __init__(
+        self, transformer: nn.Module, block_lists: tuple[str, ...], max_rows: int, prepare: PrepareArgs
+    ) -> None:
+        """``prepare``: the family's ``compiled_block_args`` (applied to each padded call)."""
         self.buckets = batch_buckets(max_rows)
         self.blocks = [block for name in block_lists for block in getattr(transformer, name)]
         limit = GRAPHS_PER_BUCKET * len(self.buckets)
@@ -71,7 +90,7 @@ class CompiledBlocks:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
         for block in self.blocks:
             compiled = torch.compile(block.forward, backend=BACKEND, dynamic=None)
-            block.forward = BucketedForward(block.forward, compiled, self.buckets)
+            block.forward = BucketedForward(block.forward, compiled, self.buckets, prepare)
 
     def disable(self) -> None:
         """Run the blocks eagerly again (the fallback when compiling fails)."""
@@ -108,12 +127,17 @@ def _batch_size(args: tuple, kwargs: dict) -> int:
 
 def _pad(value: Any, batch: int, size: int) -> Any:
     """``value`` with its last row repeated up to ``size`` rows, when it is a batch-first tensor."""
-    if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != batch:
+    if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != batch or size == batch:
         return value
-    if size > batch:
-        value = torch.cat([value, value[-1:].expand(size - batch, *value.shape[1:])])
-    torch._dynamo.mark_static(value, 0)
-    return value
+    return torch.cat([value, value[-1:].expand(size - batch, *value.shape[1:])])
+
+
+def _mark_batch_static(values: tuple, size: int) -> None:
+    """Mark the batch dimension static on every batch-first tensor (those the family made too): graphs are
+    per bucket, and a tensor marked on one call and not on the next would fail the graph's guards."""
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size:
+            torch._dynamo.mark_static(value, 0)
 
 
 def _trim(out: Any, size: int, batch: int) -> Any:

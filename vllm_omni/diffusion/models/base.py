@@ -144,6 +144,12 @@ class DiTFamily:
         """Largest image height and width the model takes; None: no limit of its own."""
         return None
 
+    def compiled_block_args(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """A compiled block's arguments as its graphs take them, after batch padding (default: as given).
+        A family whose block inputs change shape or kind from request to request makes them uniform here,
+        so that one compiled graph per batch bucket serves them all."""
+        return args, kwargs
+
     def guidance_on(self, guidance_scale: float) -> bool:
         """Whether this scale means classifier-free guidance (a negative-prompt pass) for this family."""
         raise NotImplementedError

@@ -37,6 +37,18 @@ class ZImageFamily(DiTFamily):
     def default_size(self) -> int:
         return 1024  # ZImagePipeline's default
 
+    def compiled_block_args(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """``(x, attn_mask, freqs_cis, ...)`` with a mask always (all true where the transformer passes None:
+        every row as long as the longest) and the sequence dimension of the three dynamic: caption lengths
+        and image sizes change the token count (in steps of 32) but not the graph."""
+        x, attn_mask, freqs_cis, *rest = args
+        if attn_mask is None:
+            attn_mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        freqs_cis = freqs_cis.contiguous()  # a slice of a longer rotary table, for captions
+        for tensor in (x, attn_mask, freqs_cis):
+            torch._dynamo.maybe_mark_dynamic(tensor, 1)
+        return (x, attn_mask, freqs_cis, *rest), kwargs
+
     def guidance_on(self, guidance_scale: float) -> bool:
         return guidance_scale > 0
 

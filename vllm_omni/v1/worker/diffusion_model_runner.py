@@ -91,7 +91,9 @@ class OmniDiffusionModelRunner:
                            unavailable, self.config.compile)  # fmt: skip
             return None
         rows = 2 * self.config.max_batch_size  # guided requests take two rows
-        return CompiledBlocks(self.family.transformer, self.family.compiled_block_lists, rows)
+        family = self.family
+        blocks = family.compiled_block_lists
+        return CompiledBlocks(family.transformer, blocks, rows, family.compiled_block_args)
 
     @torch.inference_mode()
     def warm_up(self) -> None:
