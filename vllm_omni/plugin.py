@@ -7,7 +7,10 @@ interpreter started with ``-S``). It is re-entrant.
 
 from vllm_omni.patch import registry
 
-MODELS = {"MultimodalQwen3ForCausalLM": "vllm_omni.model_executor.models.multimodal_qwen3"}
+MODELS = {
+    "MultimodalQwen3ForCausalLM": "vllm_omni.model_executor.models.multimodal_qwen3",
+    "Qwen2_5OmniTalkerForConditionalGeneration": "vllm_omni.model_executor.models.qwen2_5_omni_talker",
+}
 """Architecture name (``config.json``, also the class name) -> module of the vLLM model."""
 
 

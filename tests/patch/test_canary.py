@@ -78,6 +78,7 @@ PINNED = {
     f"{GPU_RUNNER}._gather_mm_embeddings": "(self, scheduler_output, shift_computed_tokens=0)",
     f"{GPU_RUNNER}._setup_eagle3_aux_hidden_state_outputs": "(self)",
     f"{GPU_RUNNER}._update_states": "(self, scheduler_output)",
+    f"{GPU_RUNNER}._preprocess": "(self, scheduler_output, num_input_tokens, intermediate_tensors=None)",
     f"{GPU_RUNNER}.execute_model": "(self, scheduler_output, intermediate_tensors=None)",
     f"{GPU_RUNNER}.sample_tokens": "(self, grammar_output)",
 }
@@ -98,8 +99,10 @@ READS = {
         "query_start_loc",
         "execute_model_state",
         "use_aux_hidden_state_outputs",
+        "device",
+        "model_config",
     ),
-    "vllm.v1.worker.gpu_input_batch:InputBatch": ("req_ids", "num_computed_tokens_cpu"),
+    "vllm.v1.worker.gpu_input_batch:InputBatch": ("req_ids", "num_reqs", "num_computed_tokens_cpu"),
     "vllm.v1.worker.gpu_input_batch:CachedRequestState": (
         "mm_features",
         "num_prompt_tokens",

@@ -61,10 +61,12 @@ def add_worker_method(module) -> None:
     """Give ``WorkerBase`` an ``omni_patch_report`` method (reached through ``collective_rpc``).
 
     Beside the layer's state it counts the requests the worker's mm_embedding and prompt hidden-state
-    capturers track (``None`` while a feature is off: no capturer exists).
+    capturers track (``None`` while a feature is off: no capturer exists) and the input-extras tensors
+    its runner holds (``None`` for models without extras).
     """
 
     def omni_patch_report(self) -> dict[str, Any]:
+        from vllm_omni.v1.worker.input_extras import num_input_extras
         from vllm_omni.v1.worker.mm_embedding_capture import MMEmbeddingCapturer
         from vllm_omni.v1.worker.prompt_hidden_states_capture import PromptHiddenStatesCapturer
         from vllm_omni.v1.worker.request_captures import capture_of
@@ -79,6 +81,7 @@ def add_worker_method(module) -> None:
             **process_report(),
             "mm_embedding_requests": tracked(MMEmbeddingCapturer),
             "prompt_hidden_states_requests": tracked(PromptHiddenStatesCapturer),
+            "input_extras_requests": None if runner is None else num_input_extras(runner),
         }
 
     module.WorkerBase.omni_patch_report = omni_patch_report
