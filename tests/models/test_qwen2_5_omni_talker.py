@@ -12,6 +12,7 @@ from vllm import SamplingParams
 
 from tests.models.test_qwen2_5_omni_tiny import CHATS, MEDIA
 from tests.utils import running_llm
+from vllm_omni.model_executor.models.input_extras import with_input_extras
 from vllm_omni.model_executor.models.qwen2_5_omni_talker import talker_hf_config
 from vllm_omni.model_executor.models.qwen2_5_omni_talker_inputs import TalkerInputBuilder
 from vllm_omni.testing.tiny_models import tiny_model_path
@@ -95,7 +96,8 @@ def talker_llm(path):
 def talker_request(builder, run: dict, **overrides) -> tuple[dict, SamplingParams]:
     """The vLLM prompt and greedy sampling params of the talker request for ``run``'s thinker reply."""
     request = builder.build(run["prompt_ids"], run["output_ids"], run["states"], VOICE)
-    return request.prompt, builder.sampling_params(request, **{**GREEDY, **overrides})
+    params = builder.sampling_params(**{**GREEDY, **overrides})
+    return request.prompt, with_input_extras(params, request.input_extras)
 
 
 def generate(llm, builder, runs: list[dict]) -> list[list[int]]:

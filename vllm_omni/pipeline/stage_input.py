@@ -213,3 +213,7 @@ def _check_source(stage: OmniStageConfig, source: OmniStageConfig, needs: str) -
             f"stage {stage.stage_id}: input {stage.input_modalities} needs stage {source.stage_id} to be "
             f"an {kinds} stage with {needs!r} in output_modalities (or set stage_input)"
         )
+
+
+# Model-specific functions register themselves here, once the registry above exists.
+from vllm_omni.pipeline import qwen2_5_omni  # noqa: E402, F401

@@ -50,6 +50,22 @@ def input_extras_arg(extras: torch.Tensor) -> dict[str, Any]:
     return {"dtype": str(extras.dtype).removeprefix("torch."), "shape": list(extras.shape), "data": data}
 
 
+def with_input_extras(params: Any, extras: torch.Tensor) -> Any:
+    """A copy of ``params`` (``SamplingParams``) carrying ``extras``."""
+    params = params.clone()
+    params.extra_args = {**(params.extra_args or {}), INPUT_EXTRAS_KEY: input_extras_arg(extras)}
+    return params
+
+
+def move_prompt_extras(prompt: Any, params: Any) -> tuple[Any, Any]:
+    """A prompt dict may hold its request's extras under ``INPUT_EXTRAS_KEY`` (a stage-input function
+    builds both): ``(prompt without them, params carrying them)``; other prompts pass unchanged."""
+    if not isinstance(prompt, dict) or INPUT_EXTRAS_KEY not in prompt:
+        return prompt, params
+    prompt = dict(prompt)
+    return prompt, with_input_extras(params, prompt.pop(INPUT_EXTRAS_KEY))
+
+
 def read_input_extras(arg: dict[str, Any]) -> torch.Tensor:
     """The tensor ``input_extras_arg`` encoded."""
     dtype = getattr(torch, arg["dtype"])

@@ -80,22 +80,16 @@ class TalkerInputBuilder:
         if voice not in self.voices:
             raise ValueError(f"voice must be one of {sorted(self.voices)}, got {voice!r}")
 
-    def sampling_params(self, request: TalkerRequest, **overrides):
-        """``SamplingParams`` of one talker request: transformers' talker defaults (``SAMPLING_DEFAULTS``)
-        unless overridden, stopping at codec pad or end (``generate``'s ``talker_eos_token_id``), the
-        request's extras in ``extra_args``. The folder's ``generation_config.json`` is the thinker's: its
-        EOS (a text token id) is ignored (``ignore_eos``), the codec stop ids are ``stop_token_ids``."""
+    def sampling_params(self, **overrides):
+        """The talker's ``SamplingParams``: transformers' talker defaults (``SAMPLING_DEFAULTS``) unless
+        overridden, stopping at codec pad or end (``generate``'s ``talker_eos_token_id``). The folder's
+        ``generation_config.json`` is the thinker's: its EOS (a text token id) is ignored (``ignore_eos``),
+        the codec stop ids are ``stop_token_ids``. A request's extras are added per request."""
         from vllm import SamplingParams
 
-        from vllm_omni.model_executor.models.input_extras import INPUT_EXTRAS_KEY, input_extras_arg
-
-        extra_args = dict(overrides.pop("extra_args", None) or {})
-        extra_args[INPUT_EXTRAS_KEY] = input_extras_arg(request.input_extras)
-        fields = {**SAMPLING_DEFAULTS, **overrides}
         stop = [self.codec_pad, self.codec_eos]
-        return SamplingParams(
-            **fields, stop_token_ids=stop, ignore_eos=True, detokenize=False, extra_args=extra_args
-        )
+        fields = {**SAMPLING_DEFAULTS, **overrides}
+        return SamplingParams(**fields, stop_token_ids=stop, ignore_eos=True, detokenize=False)
 
     def build(
         self,

@@ -149,11 +149,13 @@ class ARStageEngine(StageEngine):
     def add_one(self, request: StageRequest) -> None:
         from vllm.exceptions import VLLMValidationError
 
+        from vllm_omni.model_executor.models.input_extras import move_prompt_extras
+
         try:
-            prompt = request.prompt
+            prompt, params = move_prompt_extras(request.prompt, request.params)
             if not _is_rendered(prompt):
                 (prompt,) = self.llm._preprocess_cmpl([prompt])
-            self.engine.add_request(request.request_id, prompt, request.params)
+            self.engine.add_request(request.request_id, prompt, params)
         except VLLMValidationError as error:  # a bad request (e.g. a prompt longer than max_model_len)
             raise ValueError(str(error)) from None
 
