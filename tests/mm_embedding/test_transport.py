@@ -52,7 +52,7 @@ def test_a_stock_decoder_reads_the_new_payload():
 def test_without_embedding_the_message_is_stock_plus_one_nil_per_field():
     # msgspec writes array_like structs in full, so each extra field costs one nil byte per output.
     num_extra = len(OmniEngineCoreOutput.__struct_fields__) - len(StockOutput.__struct_fields__)
-    assert num_extra == 2  # mm_embedding, prompt_hidden_states
+    assert num_extra == 3  # mm_embedding, prompt_hidden_states, hidden_states
     (ours,) = MsgpackEncoder().encode(outputs_with(None))
     (stock,) = MsgpackEncoder().encode(outputs_with(None, StockOutput, StockOutputs))
     assert len(ours) == len(stock) + num_extra
