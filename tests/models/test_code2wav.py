@@ -16,6 +16,7 @@ from vllm_omni.audio.code2wav_engine import Code2WavEngine
 from vllm_omni.audio.code2wav_request import Code2WavParams
 from vllm_omni.config.code2wav import Code2WavConfig
 from vllm_omni.config.stage import OmniStageConfig
+from vllm_omni.pipeline.stage_input import StageInput, check_pipeline, get_stage_input, stage_input_of
 from vllm_omni.testing.tiny_models import tiny_model_path
 
 SAMPLES_PER_CODE = 2 * 240  # the DiT's 2 mel frames per code, BigVGAN's 240 samples per frame
@@ -163,3 +164,24 @@ def test_stage_config_checks(path):
     with pytest.raises(ValueError, match=r"a 'code2wav' stage consumes \['audio_codes'\], not \['text'\]"):
         OmniStageConfig(0, "code2wav", path)
     assert OmniStageConfig(0, "code2wav", path, ["audio_codes"]).output_modalities == ["audio"]
+
+
+def test_an_ar_stage_hands_its_tokens_on_as_codes_without_the_end_token(path):
+    from vllm import CompletionOutput, RequestOutput
+
+    talker = OmniStageConfig(0, "ar", path, output_modalities=["audio_codes"])
+    code2wav = OmniStageConfig(1, "code2wav", path, ["audio_codes"])
+    check_pipeline([talker, code2wav])
+    assert stage_input_of([talker, code2wav], code2wav) == "codes"
+    codes = get_stage_input("codes")
+    for finish_reason, stop_reason, expected in (
+        ("stop", None, [5, 6]),  # the model's end token
+        ("stop", 8294, [5, 6]),  # another end token (stop_token_ids)
+        ("stop", "</s>", [5, 6, 8292]),  # a stop string: no end token among the ids
+        ("length", None, [5, 6, 8292]),
+    ):
+        completion = CompletionOutput(
+            0, "", [5, 6, 8292], None, None, finish_reason=finish_reason, stop_reason=stop_reason
+        )
+        source = RequestOutput("r", None, [1], None, [completion], finished=True)
+        assert codes(StageInput(None, {0: source}, code2wav)) == {"codes": expected}

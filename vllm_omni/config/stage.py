@@ -29,9 +29,9 @@ class OmniStageConfig:
     """What the stage consumes: any of ``text``, ``image``, ``latent``, ``hidden_states``, ``audio_codes``
     (codec token ids) that its kind takes."""
     output_modalities: list[str] | None = None
-    """What the stage produces: any of ``text``, ``image``, ``latent``, ``hidden_states``, ``audio`` that its
-    kind makes (``ar``: text, hidden_states; ``dit``: image, latent; ``code2wav``: audio); default: the
-    kind's first (text, image, audio)."""
+    """What the stage produces: any of ``text``, ``image``, ``latent``, ``hidden_states``, ``audio_codes``,
+    ``audio`` that its kind makes (``ar``: text, hidden_states, audio_codes; ``dit``: image, latent;
+    ``code2wav``: audio); default: the kind's first (text, image, audio)."""
     engine_args: dict[str, Any] = field(default_factory=dict)
     """Engine arguments of an ``ar`` stage (any ``vllm.EngineArgs`` field) or of a ``code2wav`` stage
     (``Code2WavConfig`` fields)."""

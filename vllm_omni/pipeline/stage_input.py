@@ -132,6 +132,16 @@ def generated_latents(data: StageInput) -> dict[str, Any]:
     return {**conditioning, "latents": latents}
 
 
+@register_stage_input("codes", needs="audio_codes", targets=("code2wav",))
+def generated_codes(data: StageInput) -> dict[str, list[int]]:
+    """The source AR stage's generated token ids as codec codes (a talker's reply), without the end token
+    it stopped on."""
+    completion = data.source.outputs[0]
+    codes = list(completion.token_ids)
+    ended_on_token = completion.finish_reason == "stop" and not isinstance(completion.stop_reason, str)
+    return {"codes": codes[:-1] if ended_on_token else codes}
+
+
 @register_stage_input("chat_template")
 def chat_template_ids(data: StageInput) -> dict[str, list[int]]:
     """The prompt text in the stage model's chat template, as token ids, the way a DiT with an LM text
@@ -172,6 +182,8 @@ def default_stage_input(stage: OmniStageConfig, source: OmniStageConfig | None) 
         return "hidden_states"
     if "latent" in stage.input_modalities:
         return "latents"
+    if "audio_codes" in stage.input_modalities:
+        return "codes"
     if "image" in stage.input_modalities and "image" in source.output_modalities:
         return "image"
     return "text"

@@ -50,10 +50,10 @@ class ARLimits:
 
 
 class ARStageKind(StageKind):
-    """Text in, text and/or prompt hidden states out."""
+    """Text in, text and/or prompt hidden states out, or codec tokens (``audio_codes``: a talker's)."""
 
     name = "ar"
-    output_modalities = ("text", "hidden_states")
+    output_modalities = ("text", "hidden_states", "audio_codes")
     input_modalities = ("text", "image")
 
     def check_config(self, config: OmniStageConfig) -> None:
