@@ -51,12 +51,15 @@ def hf_runs(path) -> dict[str, dict]:
 
 def record_generate(model, inputs) -> dict:
     """Run ``generate``, keeping what its thinker and talker returned (their ``generate`` wrapped, called
-    through)."""
+    through). transformers 5.19's ``generate`` hands its talker the image's ``pixel_values``, which the
+    talker's ``generate`` refuses (ValueError: not used by the model); the wrap leaves them out."""
     results = {}
     for part in ("thinker", "talker"):
         stock = getattr(model, part).generate
 
         def recording(*args, _part=part, _stock=stock, **kwargs):
+            if _part == "talker":
+                kwargs.pop("pixel_values", None)
             results[_part] = _stock(*args, **kwargs)
             return results[_part]
 
@@ -147,3 +150,17 @@ def test_unknown_voice_and_short_reply_are_refused(builder, hf_runs):
     short = {key: rows[:num_rows] for key, rows in run["states"].items()}
     with pytest.raises(ValueError, match="at least 2 tokens"):
         builder.build(run["prompt_ids"], run["output_ids"][:1], short, VOICE)
+
+
+def test_extras_cross_vllms_msgpack_unchanged(builder, hf_runs):
+    """The frontend -> EngineCore path: SamplingParams through vLLM's own encoder and decoder."""
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    from vllm_omni.model_executor.models.input_extras import INPUT_EXTRAS_KEY, read_input_extras
+
+    run = hf_runs["audio"]
+    request = builder.build(run["prompt_ids"], run["output_ids"], run["states"], VOICE)
+    params = with_input_extras(builder.sampling_params(), request.input_extras)
+    decoded = MsgpackDecoder(SamplingParams).decode(MsgpackEncoder().encode(params))
+    extras = read_input_extras(decoded.extra_args[INPUT_EXTRAS_KEY])
+    assert torch.equal(extras, request.input_extras)
