@@ -116,11 +116,21 @@ def test_refused_input_names_the_field_and_the_engine_keeps_serving(engine):
         ({"codes": [1]}, Code2WavParams(num_steps=1), "num_steps must be an integer >= 2"),
         ({"codes": [1]}, Code2WavParams(chunk_size=0), "chunk_size must be an integer >= 1"),
         ([1, 2], Code2WavParams(), r"a code2wav prompt is \{'codes'"),
+        ({"codes": [1], "speaker": "Ethan"}, Code2WavParams(), r"a code2wav prompt is \{'codes'"),
+        ({"codes": [1], "voice": "Nobody"}, Code2WavParams(), r"voice must be one of \['Chelsie', 'Ethan'\]"),
     ):
         with pytest.raises(ValueError, match=message):
             engine.add_request("bad", prompt, params)
     assert not engine.has_unfinished_requests()
     assert whole(engine, codes(4, seed=0), **FAST).shape == (4 * SAMPLES_PER_CODE,)
+
+
+def test_a_prompts_voice_takes_the_place_of_the_params_voice(engine):
+    ids = codes(8, seed=4)
+    engine.add_request("p", {"codes": ids, "voice": "Ethan"}, Code2WavParams(voice="Chelsie", **FAST))
+    (from_prompt,) = [o for o in engine.step() if o.request_id == "p"]
+    np.testing.assert_array_equal(from_prompt.waveform, whole(engine, ids, voice="Ethan", **FAST))
+    assert not np.array_equal(from_prompt.waveform, whole(engine, ids, voice="Chelsie", **FAST))
 
 
 def test_aborts_free_the_requests(engine):
@@ -185,3 +195,5 @@ def test_an_ar_stage_hands_its_tokens_on_as_codes_without_the_end_token(path):
         )
         source = RequestOutput("r", None, [1], None, [completion], finished=True)
         assert codes(StageInput(None, {0: source}, code2wav)) == {"codes": expected}
+    with_voice = StageInput({"prompt": "hi", "voice": "Ethan"}, {0: source}, code2wav)
+    assert codes(with_voice) == {"codes": [5, 6, 8292], "voice": "Ethan"}  # the request's voice goes along

@@ -10,6 +10,7 @@ noise is drawn once, for all its codes, from its own generator; a chunk's window
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -67,10 +68,13 @@ class Code2WavEngine:
         self.running: list[Code2WavRequest] = []
 
     def add_request(self, request_id: str, prompt: dict, params: Code2WavParams) -> None:
-        """Validate and queue a request (ValueError naming the field when it is refused)."""
-        if not isinstance(prompt, dict) or set(prompt) != {"codes"}:
+        """Validate and queue a request (ValueError naming the field when it is refused). A prompt's
+        ``voice`` (a pipeline hands on its request's) takes the place of the params' voice."""
+        if not isinstance(prompt, dict) or "codes" not in prompt or not set(prompt) <= {"codes", "voice"}:
             got = sorted(prompt) if isinstance(prompt, dict) else type(prompt).__name__
-            raise ValueError(f"a code2wav prompt is {{'codes': [codec token ids]}}, got {got}")
+            raise ValueError(f"a code2wav prompt is {{'codes': [codec ids], optional 'voice'}}, got {got}")
+        if "voice" in prompt:
+            params = dataclasses.replace(params, voice=prompt["voice"])
         self.limits.check_params(params)
         codes = self.limits.check_codes(prompt["codes"])
         if any(r.request_id == request_id for r in self.waiting + self.running):

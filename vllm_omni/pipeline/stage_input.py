@@ -133,13 +133,15 @@ def generated_latents(data: StageInput) -> dict[str, Any]:
 
 
 @register_stage_input("codes", needs="audio_codes", targets=("code2wav",))
-def generated_codes(data: StageInput) -> dict[str, list[int]]:
+def generated_codes(data: StageInput) -> dict[str, Any]:
     """The source AR stage's generated token ids as codec codes (a talker's reply), without the end token
-    it stopped on."""
+    it stopped on; with the request's ``voice`` when its prompt names one."""
     completion = data.source.outputs[0]
     codes = list(completion.token_ids)
     ended_on_token = completion.finish_reason == "stop" and not isinstance(completion.stop_reason, str)
-    return {"codes": codes[:-1] if ended_on_token else codes}
+    prompt = data.prompt if isinstance(data.prompt, dict) else {}
+    voice = {"voice": prompt["voice"]} if "voice" in prompt else {}
+    return {"codes": codes[:-1] if ended_on_token else codes, **voice}
 
 
 @register_stage_input("chat_template")
