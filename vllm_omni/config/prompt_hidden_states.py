@@ -140,7 +140,7 @@ def requested(extra_args: dict[str, Any] | None) -> bool:
 def request_mode(extra_args: dict[str, Any] | None) -> str | None:
     """``PROMPT_ROWS`` or ``ALL_ROWS`` when a request asks for hidden states, else ``None`` (validated)."""
     value = (extra_args or {}).get(EXTRA_ARGS_KEY, False)
-    if value == ALL_ROWS:
+    if isinstance(value, str) and value == ALL_ROWS:
         return ALL_ROWS
     if not isinstance(value, bool):
         raise ValueError(
