@@ -214,9 +214,8 @@ def test_latent_is_a_modality_where_it_works():
     both = create_dit_stage_config(0, dit_path, ["text"], ["image", "latent"])
     (first,), (second,) = pipeline_params([base], None, 1, False), pipeline_params([both], None, 1, False)
     assert (first[0].output_type, second[0].output_type, second[0].return_latents) == ("latent", "pil", True)
-    with pytest.raises(
-        ValueError, match=r"stage 0: a 'ar' stage consumes \['text', 'image'\], not \['latent'\]"
-    ):
+    consumes = r"stage 0: a 'ar' stage consumes \['text', 'image', 'hidden_states'\], not \['latent'\]"
+    with pytest.raises(ValueError, match=consumes):
         create_ar_stage_config(0, tiny_model_path("qwen3"), ["latent"])
     ar = create_ar_stage_config(0, tiny_model_path("qwen3"))
     with pytest.raises(ValueError, match=r"stage 1: input \['latent'\] needs stage 0 to be an 'dit'"):

@@ -70,6 +70,22 @@ def test_route_end_is_the_stage_that_completes_the_wanted_outputs():
     assert len(whole) == 2 and whole[0].extra_args["prompt_hidden_states"] is True
 
 
+def test_the_reader_decides_which_hidden_states_and_defaults_fill_what_a_request_leaves_out():
+    """A talker's hand-off reads every position's hidden states, so its source captures them all; a
+    stage's ``default_params`` are what a request starts from."""
+    import vllm_omni.pipeline.qwen2_5_omni  # noqa: F401  (registers qwen2_5_omni_talker)
+
+    thinker = create_ar_stage_config(0, tiny_model_path("qwen3"), ["text"], ["text", "hidden_states"])
+    talker = create_ar_stage_config(1, tiny_model_path("qwen3"), ["hidden_states"], ["audio_codes"],
+                                    stage_input="qwen2_5_omni_talker")  # fmt: skip
+    talker.default_params = {"top_k": 40, "max_tokens": 100}
+    (params,) = pipeline_params([thinker, talker], [None, {"max_tokens": 7}], 1, False)
+    assert params[0].extra_args == {"prompt_hidden_states": "all"}
+    assert (params[1].top_k, params[1].max_tokens) == (40, 7)
+    (given,) = pipeline_params([thinker, talker], [None, SamplingParams(max_tokens=3)], 1, False)
+    assert (given[1].top_k, given[1].max_tokens) == (0, 3)  # a params object stands alone
+
+
 def test_text_hand_off_equals_running_the_stages_by_hand(omni, qwen3_llm):
     prompts = ["The quick brown fox", {"prompt": "A beautiful landscape"}]
     dit_params = [DiffusionSamplingParams(seed=1, output_type="np"), {"seed": 2, "output_type": "np"}]

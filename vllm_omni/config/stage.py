@@ -60,6 +60,10 @@ class OmniStageConfig:
     ``memory`` (bytes) and custom resources (``ray start --resources``; Ray's ``node:<ip>`` pins a node).
     Defaults: a CPU per core of ``cpus`` (else 1), a GPU per id of ``devices`` (else 0; Ray picks which).
     Local processes ignore it."""
+    default_params: dict[str, Any] | None = None
+    """Fields of the stage's params object that every request starts from (e.g. a talker's sampling:
+    ``{"top_k": 40, "stop_token_ids": [...]}``): a request's dict entry overrides them field by field, a
+    params object replaces them."""
 
     def __post_init__(self) -> None:
         where = f"stage {self.stage_id}"
@@ -87,6 +91,8 @@ class OmniStageConfig:
             raise ValueError(f"{where}: source_stage must be an earlier stage, got {self.source_stage}")
         self._check_replicas(where)
         self._check_resources(where)
+        if self.default_params is not None and not isinstance(self.default_params, dict):
+            raise ValueError(f"{where}: default_params must be a dict of the params' fields")
         kind.check_config(self)  # the kind's own fields
 
     def _check_replicas(self, where: str) -> None:

@@ -6,6 +6,8 @@ from typing import Any
 
 from vllm_omni.config.stage import OmniStageConfig
 from vllm_omni.pipeline.kinds import get_stage_kind
+from vllm_omni.pipeline.kinds.base import StageRoute
+from vllm_omni.pipeline.stage_input import reads_all_positions
 
 
 def pipeline_params(
@@ -26,19 +28,27 @@ def pipeline_params(
     completes them.
     """
     end = route_end(stages, modalities)
-    read = {stage.source_stage for stage in stages[: end + 1]}
     per_stage = []
     for index, stage in enumerate(stages[: end + 1]):
         kind = get_stage_kind(stage.engine_type)
         entries = _per_prompt(_stage_entry(sampling_params, len(stages), index), num_prompts)
-        handed_on, cut_short = stage.stage_id in read, index == end < len(stages) - 1
-        per_stage.append(
-            [
-                kind.prepare_params(stage, kind.make_params(stage, e), streaming, handed_on, cut_short)
-                for e in entries
-            ]
-        )
+        route = _route(stages[: end + 1], stage, streaming, cut_short=index == end < len(stages) - 1)
+        made = [kind.make_params(stage, _with_defaults(stage, entry)) for entry in entries]
+        per_stage.append([kind.prepare_params(stage, params, route) for params in made])
     return [list(p) for p in zip(*per_stage, strict=True)]
+
+
+def _route(
+    route: list[OmniStageConfig], stage: OmniStageConfig, streaming: bool, cut_short: bool
+) -> StageRoute:
+    """How a request whose route is ``route`` uses ``stage``."""
+    readers = [s for s in route if s.source_stage == stage.stage_id]
+    return StageRoute(
+        streaming=streaming,
+        handed_on=bool(readers),
+        cut_short=cut_short,
+        all_positions=any(reads_all_positions(route, reader) for reader in readers),
+    )
 
 
 def route_end(stages: list[OmniStageConfig], modalities: list[str] | None) -> int:
@@ -63,6 +73,13 @@ def _stage_entry(sampling_params: Any, num_stages: int, index: int) -> Any:
     if isinstance(sampling_params, (list, tuple)) and len(sampling_params) == num_stages and num_stages > 1:
         return sampling_params[index]
     return sampling_params
+
+
+def _with_defaults(stage: OmniStageConfig, entry: Any) -> Any:
+    """A request's entry on top of its stage's ``default_params`` (a params object stands alone)."""
+    if stage.default_params is None or not (entry is None or isinstance(entry, dict)):
+        return entry
+    return {**stage.default_params, **(entry or {})}
 
 
 def _per_prompt(entry: Any, num_prompts: int) -> list[Any]:

@@ -20,7 +20,7 @@ from vllm_omni.pipeline.stage_input import StageInput, register_stage_input
 DEFAULT_VOICE = "Chelsie"
 
 
-@register_stage_input("qwen2_5_omni_talker", needs="hidden_states", targets=("ar",))
+@register_stage_input("qwen2_5_omni_talker", needs="hidden_states", targets=("ar",), all_positions=True)
 def talker_input(data: StageInput) -> dict[str, Any]:
     """The talker request for the thinker's finished reply."""
     output = data.source

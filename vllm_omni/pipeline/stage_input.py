@@ -56,25 +56,38 @@ class _Registered:
     """The output modality the function reads from its source stage (None: not checked)."""
     targets: tuple[str, ...] | None
     """The stage kinds it can feed (None: any)."""
+    all_positions: bool
+    """It reads the hidden states of every position (prompt and generated), not only the prompt's."""
 
 
 _REGISTRY: dict[str, _Registered] = {}
 
 
 def register_stage_input(
-    name: str, *, needs: str | None = None, targets: tuple[str, ...] | None = None
+    name: str,
+    *,
+    needs: str | None = None,
+    targets: tuple[str, ...] | None = None,
+    all_positions: bool = False,
 ) -> Callable[[StageInputFn], StageInputFn]:
     """Decorator: register ``fn(StageInput) -> prompt`` under ``name`` for ``OmniStageConfig.stage_input``.
 
     ``needs``: the modality the function reads from its source stage (checked against the source's
-    ``output_modalities`` when a pipeline is built); ``targets``: the stage kinds it can feed.
+    ``output_modalities`` when a pipeline is built); ``targets``: the stage kinds it can feed;
+    ``all_positions``: it reads the hidden states of every position (the source's ``ar`` stage then
+    captures generated positions too: ``CompletionOutput.hidden_states``).
     """
 
     def register(fn: StageInputFn) -> StageInputFn:
-        _REGISTRY[name] = _Registered(fn, needs, targets)
+        _REGISTRY[name] = _Registered(fn, needs, targets, all_positions)
         return fn
 
     return register
+
+
+def reads_all_positions(stages: list[OmniStageConfig], stage: OmniStageConfig) -> bool:
+    """Whether ``stage``'s input function reads every position's hidden states from its source."""
+    return _registered(stage_input_of(stages, stage)).all_positions
 
 
 def stage_input_names() -> list[str]:

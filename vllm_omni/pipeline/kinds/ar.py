@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from vllm_omni.config.stage import OmniStageConfig
-from vllm_omni.pipeline.kinds.base import StageEngine, StageEvent, StageKind
+from vllm_omni.pipeline.kinds.base import StageEngine, StageEvent, StageKind, StageRoute
 from vllm_omni.pipeline.outputs import OmniRequestOutput
 from vllm_omni.pipeline.protocol import StageRequest
 from vllm_omni.pipeline.stage_metrics import StageMetrics, collect_vllm_metrics
@@ -54,7 +54,7 @@ class ARStageKind(StageKind):
 
     name = "ar"
     output_modalities = ("text", "hidden_states", "audio_codes")
-    input_modalities = ("text", "image")
+    input_modalities = ("text", "image", "hidden_states")  # hidden states: a talker's (its own hand-off)
 
     def check_config(self, config: OmniStageConfig) -> None:
         super().check_config(config)
@@ -86,25 +86,27 @@ class ARStageKind(StageKind):
             params = entry.clone()
         else:
             raise ValueError(f"{where} takes SamplingParams or a dict, got {type(entry).__name__}")
-        if "hidden_states" in config.output_modalities:
-            params.extra_args = {**(params.extra_args or {}), "prompt_hidden_states": True}
         return params
 
-    def prepare_params(
-        self, config: OmniStageConfig, params: Any, streaming: bool, handed_on: bool, cut_short: bool = False
-    ) -> Any:
-        """Stream tokens (each a snapshot) only where someone sees them: when ``streaming``, on a final
-        stage, without hidden states (not the tensor with every token). DELTA (each snapshot holds the new
-        tokens only, as vLLM's server streams) only where no later stage needs the whole output. A request
-        ``cut_short`` here captures no hidden states (they are for the stages it skips)."""
+    def prepare_params(self, config: OmniStageConfig, params: Any, route: StageRoute) -> Any:
+        """Stream tokens (each a snapshot) only where someone sees them: when streaming, on a final stage,
+        without hidden states (not the tensor with every token). DELTA (each snapshot holds the new tokens
+        only, as vLLM's server streams) only where no later stage needs the whole output. Hidden states:
+        none for a request ``cut_short`` here (they are for the stages it skips), every position's when
+        the reading stage wants them (``all_positions``)."""
         from vllm.sampling_params import RequestOutputKind
 
-        hidden_states = "hidden_states" in config.output_modalities and not cut_short
-        if cut_short and params.extra_args:
-            params.extra_args = {k: v for k, v in params.extra_args.items() if k != "prompt_hidden_states"}
-        if not streaming or not config.final_output or hidden_states:
+        hidden_states = "hidden_states" in config.output_modalities and not route.cut_short
+        if "hidden_states" in config.output_modalities:  # a request's own choice stands, unless cut short
+            extra_args = dict(params.extra_args or {})
+            if hidden_states:
+                extra_args.setdefault("prompt_hidden_states", "all" if route.all_positions else True)
+            else:
+                extra_args.pop("prompt_hidden_states", None)
+            params.extra_args = extra_args
+        if not route.streaming or not config.final_output or hidden_states:
             params.output_kind = RequestOutputKind.FINAL_ONLY
-        elif params.output_kind == RequestOutputKind.DELTA and handed_on:
+        elif params.output_kind == RequestOutputKind.DELTA and route.handed_on:
             raise ValueError(
                 f"stage {config.stage_id}: output_kind DELTA is not supported on a stage that feeds a "
                 "later one; use CUMULATIVE (the default) or FINAL_ONLY"

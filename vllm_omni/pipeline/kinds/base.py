@@ -19,6 +19,20 @@ from vllm_omni.pipeline.stage_metrics import StageMetrics
 
 
 @dataclass(frozen=True)
+class StageRoute:
+    """How one request's route uses a stage (``StageKind.prepare_params`` adjusts its params to it)."""
+
+    streaming: bool
+    """Snapshots are wanted while the request runs."""
+    handed_on: bool = False
+    """A later stage of the route reads this stage's output."""
+    cut_short: bool = False
+    """The route ends here although later stages exist: the request wants none of their outputs."""
+    all_positions: bool = False
+    """The stage reading this one's hidden states wants every position's, generated ones too."""
+
+
+@dataclass(frozen=True)
 class StageEvent:
     """An engine's news about one request, from one step."""
 
@@ -102,12 +116,8 @@ class StageKind:
         """The stage's params object for a user's ``entry``: ``None``, a dict of its fields, or the object."""
         raise NotImplementedError
 
-    def prepare_params(
-        self, config: OmniStageConfig, params: Any, streaming: bool, handed_on: bool, cut_short: bool = False
-    ) -> Any:
-        """Adjust ``params`` to how the pipeline runs (``streaming``: snapshots are wanted while it runs;
-        ``handed_on``: a later stage of the request's route reads this stage's output; ``cut_short``: the
-        route ends here although later stages exist, the request wants none of their outputs)."""
+    def prepare_params(self, config: OmniStageConfig, params: Any, route: StageRoute) -> Any:
+        """Adjust ``params`` to how the request's route uses the stage."""
         return params
 
     def check_params(self, limits: Any, params: Any) -> None:

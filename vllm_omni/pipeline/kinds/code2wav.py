@@ -17,7 +17,7 @@ import numpy as np
 from vllm_omni.audio.code2wav_request import Code2WavLimits, Code2WavOutput, Code2WavParams
 from vllm_omni.config.code2wav import Code2WavConfig
 from vllm_omni.config.stage import OmniStageConfig
-from vllm_omni.pipeline.kinds.base import StageEngine, StageEvent, StageKind
+from vllm_omni.pipeline.kinds.base import StageEngine, StageEvent, StageKind, StageRoute
 from vllm_omni.pipeline.outputs import OmniRequestOutput
 from vllm_omni.pipeline.protocol import StageRequest
 from vllm_omni.pipeline.stage_metrics import StageMetrics
@@ -47,15 +47,10 @@ class Code2WavStageKind(StageKind):
         raise ValueError(f"stage {config.stage_id} (code2wav) takes Code2WavParams or a dict, got {got}")
 
     def prepare_params(
-        self,
-        config: OmniStageConfig,
-        params: Code2WavParams,
-        streaming: bool,
-        handed_on: bool,
-        cut_short: bool = False,
+        self, config: OmniStageConfig, params: Code2WavParams, route: StageRoute
     ) -> Code2WavParams:
         """Send chunks as they are made only where someone sees them: a final stage of a stream."""
-        return dataclasses.replace(params, emit_chunks=streaming and config.final_output)
+        return dataclasses.replace(params, emit_chunks=route.streaming and config.final_output)
 
     def check_params(self, limits: Code2WavLimits, params: Code2WavParams) -> None:
         limits.check_params(params)
