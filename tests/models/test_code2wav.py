@@ -197,3 +197,28 @@ def test_an_ar_stage_hands_its_tokens_on_as_codes_without_the_end_token(path):
         assert codes(StageInput(None, {0: source}, code2wav)) == {"codes": expected}
     with_voice = StageInput({"prompt": "hi", "voice": "Ethan"}, {0: source}, code2wav)
     assert codes(with_voice) == {"codes": [5, 6, 8292], "voice": "Ethan"}  # the request's voice goes along
+
+
+def test_waveforms_encode_as_wav_pcm16_and_flac(tmp_path):
+    import io
+    import wave
+
+    import soundfile
+
+    from vllm_omni.audio.wav import encode, save_wav
+    from vllm_omni.pipeline.outputs import OmniRequestOutput
+
+    waveform = np.sin(np.linspace(0, 200, 2400, dtype=np.float32)) * 1.2  # beyond [-1, 1]: clipped
+    expected = (np.clip(waveform, -1, 1) * 32767).round().astype("<i2")
+    assert np.array_equal(np.frombuffer(encode(waveform, "pcm16"), "<i2"), expected)
+    with wave.open(io.BytesIO(encode(waveform, "wav"))) as wav:
+        assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (1, 2, 24000)
+        assert np.array_equal(np.frombuffer(wav.readframes(wav.getnframes()), "<i2"), expected)
+    flac, rate = soundfile.read(io.BytesIO(encode(waveform, "flac")), dtype="float32")
+    assert rate == 24000 and np.abs(flac - np.clip(waveform, -1, 1)).max() < 1e-4
+    with pytest.raises(ValueError, match=r"must be one of \['wav', 'pcm16', 'flac'\], got 'mp3'"):
+        encode(waveform, "mp3")
+    written = OmniRequestOutput("r", None, audio=waveform).save_wav(tmp_path / "a.wav")
+    assert written.read_bytes() == save_wav(tmp_path / "b.wav", waveform).read_bytes()
+    with pytest.raises(ValueError, match="request r has no audio"):
+        OmniRequestOutput("r", None).save_wav(tmp_path / "c.wav")

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-from vllm_omni.config.stage import OmniStageConfig, load_pipeline_file
+from vllm_omni.config.stage import OmniStageConfig
 from vllm_omni.entrypoints.omni_params import pipeline_params
+from vllm_omni.pipeline.model_pipelines import pipeline_of
 from vllm_omni.pipeline.outputs import OmniRequestOutput
 from vllm_omni.pipeline.stage_manager import StageManager
 from vllm_omni.pipeline.stage_metrics import StageMetrics
@@ -26,8 +27,7 @@ class AsyncOmniLLM:
 
     def __init__(self, stages: Sequence[OmniStageConfig] | str | Path, **manager_options: Any) -> None:
         """Start every stage (blocking; see :class:`OmniLLM` for ``stages`` and ``manager_options``)."""
-        is_file = isinstance(stages, (str, Path))
-        self.stages, launcher = load_pipeline_file(stages) if is_file else (list(stages), None)
+        self.stages, launcher = pipeline_of(stages)
         self.manager = StageManager(self.stages, **{"launcher": launcher, **manager_options})
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.manager.start_background(self._deliver)

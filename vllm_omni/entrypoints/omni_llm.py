@@ -9,8 +9,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from vllm_omni.config.stage import OmniStageConfig, load_pipeline_file
+from vllm_omni.config.stage import OmniStageConfig
 from vllm_omni.entrypoints.omni_params import pipeline_params
+from vllm_omni.pipeline.model_pipelines import pipeline_of
 from vllm_omni.pipeline.outputs import OmniRequestOutput
 from vllm_omni.pipeline.stage_manager import StageManager
 
@@ -29,11 +30,12 @@ class OmniLLM:
     """
 
     def __init__(self, stages: Sequence[OmniStageConfig] | str | Path, **manager_options: Any) -> None:
-        """``stages``: the stage configs, or the path of a YAML pipeline file (``load_pipeline_file``).
-        ``manager_options``: :class:`StageManager` options (``launcher``: ``"local"``, ``"ray"`` or a
-        launcher object, by default the file's ``launcher``; ``shm_threshold``)."""
-        is_file = isinstance(stages, (str, Path))
-        self.stages, launcher = load_pipeline_file(stages) if is_file else (list(stages), None)
+        """``stages``: the stage configs, the path of a YAML pipeline file (``load_pipeline_file``), or a
+        model (folder or hub id) whose pipeline it implies (``stages_for_model``: e.g. a Qwen2.5-Omni's
+        thinker -> talker -> code2wav). ``manager_options``: :class:`StageManager` options (``launcher``:
+        ``"local"``, ``"ray"`` or a launcher object, by default the file's ``launcher``;
+        ``shm_threshold``)."""
+        self.stages, launcher = pipeline_of(stages)
         self.manager = StageManager(self.stages, **{"launcher": launcher, **manager_options})
         self._ids = count()
 

@@ -38,3 +38,11 @@ class OmniRequestOutput:
     refused: bool = False
     """Whether a stage refused the request's input (the caller's fault, e.g. a token id out of the
     vocabulary; ``error`` says why) rather than failing while serving it."""
+
+    def save_wav(self, path: Any) -> Any:
+        """Write ``audio`` as a 16-bit mono WAV file at the code2wav rate (24 kHz); returns the path."""
+        if self.audio is None:
+            raise ValueError(f"request {self.request_id} has no audio (its pipeline or modalities made none)")
+        from vllm_omni.audio.wav import save_wav
+
+        return save_wav(path, self.audio)

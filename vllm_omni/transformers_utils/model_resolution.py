@@ -92,6 +92,19 @@ def ensure_available(model: str, revision: str | None = None) -> None:
         cached_snapshot(model, revision)
 
 
+def model_folder(model: str, revision: str | None = None) -> Path:
+    """The local folder of ``model``: itself, or a hub id's snapshot (fetched whole into the cache when
+    online; the cached one when offline). Raises :class:`ModelNotFoundError` naming id and revision."""
+    if is_local(model):
+        return Path(model)
+    try:
+        return Path(snapshot_download(model, revision=revision, local_files_only=_offline()))
+    except LocalEntryNotFoundError as error:
+        return cached_snapshot(model, revision, cause=error)  # raises naming what the cache holds
+    except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as error:
+        raise ModelNotFoundError(_not_found(model, revision, error)) from None
+
+
 def diffusers_folder(model: str, revision: str | None = None) -> Path:
     """The local diffusers folder (``model_index.json`` and one subfolder per component) of ``model``.
 

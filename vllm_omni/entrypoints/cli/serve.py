@@ -22,10 +22,9 @@ from vllm_omni.config.stage import (
     create_ar_stage_config,
     create_dit_stage_config,
     load_pipeline_file,
-    load_stage_configs,
 )
 from vllm_omni.entrypoints.openai.text_serving import add_chat_args
-from vllm_omni.transformers_utils.model_resolution import DIFFUSERS_INDEX, is_local, model_file
+from vllm_omni.pipeline.model_pipelines import pipeline_of
 
 DESCRIPTION = """Serve an omni pipeline: OpenAI Images API (/v1/images/generations), /v1/chat/completions and
 /v1/completions (pipelines from an ar stage to an ar stage), the native /generate, /health, /info,
@@ -148,7 +147,7 @@ def stages_from_args(args: argparse.Namespace) -> list[OmniStageConfig]:
             create_dit_stage_config(1, args.dit_stage),
         ]
     elif args.stage_config or args.model_tag:
-        stages = _stages_of(args.stage_config or args.model_tag, args.revision)
+        stages = pipeline_of(args.stage_config or args.model_tag, args.revision)[0]
     else:
         raise ValueError("no pipeline: give MODEL, --stage-config FILE, or --ar-stage and --dit-stage")
     return [_with_flags(stage, args) for stage in stages]
@@ -167,22 +166,6 @@ def launcher_from_args(args: argparse.Namespace) -> Any:
     from vllm_omni.pipeline.ray_launcher import RayLauncher
 
     return RayLauncher(address=args.ray_address)
-
-
-def _stages_of(model: str, revision: str | None) -> list[OmniStageConfig]:
-    """MODEL's pipeline: a stage YAML file; a diffusers pipeline, folder or hub id (``model_index.json``,
-    ``--revision`` applies): one dit stage; a vLLM model, folder or hub id: one ar stage."""
-    path = Path(model)
-    if path.suffix in (".yaml", ".yml"):
-        return load_stage_configs(path)
-    if model_file(model, DIFFUSERS_INDEX, revision) is not None:
-        return [create_dit_stage_config(0, model, revision=revision)]
-    if (path / "config.json").is_file() or not is_local(model):  # a vLLM model folder, or a hub id vLLM loads
-        return [create_ar_stage_config(0, model)]
-    raise ValueError(
-        f"MODEL {model!r}: a folder with model_index.json (diffusers) or config.json (vLLM), "
-        "or a stage YAML file"
-    )
 
 
 def _with_flags(stage: OmniStageConfig, args: argparse.Namespace) -> OmniStageConfig:
