@@ -189,9 +189,12 @@ def test_the_chat_client_example(url):
     assert result.stdout.startswith("answer: ") and "streamed in" in result.stdout
 
 
-def test_image_pipelines_have_no_text_endpoints():
+def test_pipelines_that_answer_in_text_have_text_endpoints_image_pipelines_not():
     from vllm_omni.config.stage import create_ar_stage_config, create_dit_stage_config
-    from vllm_omni.entrypoints.openai.text_serving import serves_text
+    from vllm_omni.entrypoints.openai.text_serving import serves_text, text_stage
+    from vllm_omni.pipeline.qwen2_5_omni_stages import qwen2_5_omni_stages
 
     ar, dit = create_ar_stage_config(0, "m"), create_dit_stage_config(1, tiny_model_path("sd3"))
     assert serves_text([ar]) and not serves_text([ar, dit])
+    assert text_stage([ar, create_ar_stage_config(1, "m")]) == 1  # AR -> AR: the second's text
+    assert text_stage(qwen2_5_omni_stages(tiny_model_path("qwen2_5_omni"))) == 0  # the thinker's

@@ -57,3 +57,9 @@ def test_hidden_state_example_draws_what_the_dits_own_encoder_draws(tmp_path):
 def test_yaml_pipeline_example_runs_the_example_yaml(tmp_path):
     out = run_example("omni_yaml_pipeline.py", "--out", str(tmp_path))
     assert "stage 1 drew" in out and (tmp_path / "omni_yaml_0.png").exists()
+
+
+def test_qwen2_5_omni_example_writes_a_wav_per_question(tmp_path):
+    out = run_example("qwen2_5_omni_speech.py", "--out", str(tmp_path), "--max-tokens", "4", "--voice=Ethan")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"qwen2_5_omni_{i}.wav" for i in (0, 1)]
+    assert out.count("  text: ") == 2 and out.count("(Ethan)") == 2

@@ -53,7 +53,7 @@ class OmniLLM:
         ``DiffusionSamplingParams`` for ``dit``), a dict of its fields, or a list with one per prompt
         (``vllm_omni.entrypoints.omni_params.pipeline_params``).
         ``modalities``: the outputs wanted (e.g. ``["text"]``; default: every final stage's); the requests
-        skip the stages after the one that completes them (ValueError naming what the pipeline offers).
+        skip the stages after the last one making them (ValueError naming what the pipeline offers).
         Every stage's params are checked before anything runs (ValueError naming the stage and the field).
         A prompt the first stage rejects fails the call (ValueError) and runs nothing; a later stage's
         rejection or failure is the request's ``error``. More prompts than the stages' queues hold are fed

@@ -24,8 +24,8 @@ def pipeline_params(
     per prompt. Each stage's kind builds its params object and adjusts it to how the pipeline runs
     (``streaming``: whether snapshots are wanted while a request runs; e.g. an AR stage then streams its
     tokens only when it is a final stage without hidden states).
-    ``modalities``: the outputs the requests want (``route_end``); the route stops at the stage that
-    completes them.
+    ``modalities``: the outputs the requests want (``route_end``); the route stops at the last stage that
+    makes one of them.
     """
     end = route_end(stages, modalities)
     per_stage = []
@@ -52,21 +52,16 @@ def _route(
 
 
 def route_end(stages: list[OmniStageConfig], modalities: list[str] | None) -> int:
-    """The index of the last stage a request wanting ``modalities`` runs: the first stage by which final
-    stages have produced them all (``None``: every stage). A Qwen2.5-Omni request wanting ``["text"]``
-    ends at the thinker, one wanting ``["audio"]`` runs the talker and code2wav too."""
+    """The index of the last stage a request wanting ``modalities`` runs: the last final stage making one
+    of them (``None``: every stage). A Qwen2.5-Omni request wanting ``["text"]`` ends at the thinker, one
+    wanting ``["audio"]`` runs the talker and code2wav too; in AR -> AR, ``["text"]`` is the second's."""
     if modalities is None:
         return len(stages) - 1
-    offered = [m for s in stages if s.final_output for m in s.output_modalities]
-    unknown = [m for m in modalities if m not in offered]
+    makers = {m: i for i, s in enumerate(stages) if s.final_output for m in s.output_modalities}
+    unknown = [m for m in modalities if m not in makers]
     if not modalities or unknown:
-        raise ValueError(f"modalities must be a non-empty list of {sorted(set(offered))}, got {modalities!r}")
-    produced: set[str] = set()
-    for index, stage in enumerate(stages):
-        produced |= set(stage.output_modalities) if stage.final_output else set()
-        if produced >= set(modalities):
-            return index
-    raise AssertionError("unreachable: every wanted modality is offered")
+        raise ValueError(f"modalities must be a non-empty list of {sorted(makers)}, got {modalities!r}")
+    return max(makers[m] for m in modalities)
 
 
 def _stage_entry(sampling_params: Any, num_stages: int, index: int) -> Any:

@@ -41,8 +41,8 @@ def qwen2_5_omni_stages(folder: str, **thinker_engine_args: Any) -> list[OmniSta
     shared = ("dtype", "enforce_eager")
     talker_args = {key: value for key, value in thinker_engine_args.items() if key in shared}
     thinker = create_ar_stage_config(
-        0, folder, ["text"], ["text", "hidden_states"], prompt_hidden_states_layer=THINKER_LAYERS,
-        **thinker_engine_args,
+        0, folder, ["text"], ["text", "hidden_states"], return_prompt_hidden_states=True,
+        prompt_hidden_states_layer=THINKER_LAYERS, **thinker_engine_args,
     )  # fmt: skip
     talker = create_ar_stage_config(
         1, folder, ["hidden_states"], ["audio_codes"], final_output=False, stage_input="qwen2_5_omni_talker",

@@ -36,10 +36,25 @@ CHAT_SWITCHES = {
 }
 
 
+ANSWERS = frozenset({"text", "hidden_states", "audio"})
+"""What the final stages of a pipeline that answers in text (and speech) make."""
+
+
+def text_stage(stages: list[Any]) -> int | None:
+    """The stage whose text chat and completion requests return: the last final stage making text, in a
+    pipeline that starts with an ``ar`` stage and answers in text (its final stages make text, hidden
+    states or audio: an LLM, AR -> AR, Qwen2.5-Omni's thinker -> talker -> code2wav). None for others
+    (e.g. AR -> DiT answers with images)."""
+    finals = [s for s in stages if s.final_output]
+    if stages[0].engine_type != "ar" or any(set(s.output_modalities) - ANSWERS for s in finals):
+        return None
+    texts = [s.stage_id for s in finals if s.engine_type == "ar" and "text" in s.output_modalities]
+    return texts[-1] if texts else None
+
+
 def serves_text(stages: list[Any]) -> bool:
-    """Whether the pipeline takes a prompt and returns text the way a vLLM engine does: it starts and ends
-    with an ``ar`` stage."""
-    return stages[0].engine_type == "ar" and stages[-1].engine_type == "ar"
+    """Whether the pipeline takes a prompt and returns text the way a vLLM engine does (``text_stage``)."""
+    return text_stage(stages) is not None
 
 
 def add_chat_args(group: Any) -> None:
@@ -53,10 +68,11 @@ def add_chat_args(group: Any) -> None:
 class PipelineEngineClient:
     """The part of vLLM's ``EngineClient`` that its OpenAI serving classes use, over the server's pipeline.
 
-    A request's rendered input goes to the first stage; its ``SamplingParams`` to the last (the stage
-    whose text is returned; other stages use their defaults). The pipeline streams that stage's tokens as
-    vLLM's ``AsyncLLM`` does (``output_kind`` DELTA or FINAL_ONLY, as the serving class asks). LoRA,
-    priorities, data-parallel ranks, sessions and KV hints are not used by the pipeline.
+    A request's rendered input goes to the first stage; its ``SamplingParams`` to the text stage
+    (``text_stage``: the one whose text is returned, where the request ends; earlier stages use their
+    defaults). The pipeline streams that stage's tokens as vLLM's ``AsyncLLM`` does (``output_kind``
+    DELTA or FINAL_ONLY, as the serving class asks). LoRA, priorities, data-parallel ranks, sessions and
+    KV hints are not used by the pipeline.
     """
 
     def __init__(self, server: OmniServer, vllm_config: Any) -> None:
@@ -86,16 +102,19 @@ class PipelineEngineClient:
     async def generate(
         self, prompt: Any, sampling_params: Any, request_id: str, **_unused: Any
     ) -> AsyncIterator[Any]:
-        """The last stage's ``RequestOutput``s of one request. A request a stage refuses raises ValueError
-        (400), one that fails in a stage vLLM's ``GenerationError`` (500, or 503 once a stage is gone)."""
+        """The text stage's ``RequestOutput``s of one request (which ends there: text is all it asks for).
+        A request a stage refuses raises ValueError (400), one that fails in a stage vLLM's
+        ``GenerationError`` (500, or 503 once a stage is gone)."""
         from vllm.exceptions import GenerationError
 
         omni = self.server.omni
-        last = len(omni.stages) - 1
-        params = [None] * last + [sampling_params]
+        last = text_stage(omni.stages)
+        params = [None] * len(omni.stages)
+        params[last] = sampling_params
         self.server.held += 1
         try:
-            async for output in omni.generate(prompt, params if last else sampling_params, request_id):
+            entries = params if len(params) > 1 else sampling_params
+            async for output in omni.generate(prompt, entries, request_id, modalities=["text"]):
                 if output.refused:
                     raise ValueError(output.error)
                 if output.error is not None:
