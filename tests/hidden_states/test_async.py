@@ -17,9 +17,11 @@ pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="module")]
 async def async_llm(qwen3_path):
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    # Stats off: an engine logging stats replaces the Prometheus metrics that other tests' engines read.
     args = AsyncEngineArgs(
         model=qwen3_path, dtype="float32", max_model_len=256, max_num_seqs=4, enforce_eager=True,
         max_num_batched_tokens=32, return_prompt_hidden_states=True, prompt_hidden_states_layer=LAYERS,
+        disable_log_stats=True,
     )  # fmt: skip
     engine = AsyncLLM.from_engine_args(args)
     yield engine
