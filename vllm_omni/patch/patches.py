@@ -185,17 +185,14 @@ PATCHES: tuple[Patch, ...] = (
         name="input_extras_model_runner",
         module="vllm.v1.worker.gpu_model_runner",
         apply="vllm_omni.v1.worker.input_extras:patch_model_runner",
-        target="vllm.v1.worker.gpu_model_runner:GPUModelRunner (base of CPUModelRunner): _preprocess, "
-        "_update_states",
+        target="vllm.v1.worker.gpu_model_runner:GPUModelRunner._preprocess (base of CPUModelRunner's)",
         reason="Per-position input extras (vllm_omni/model_executor/models/input_extras.py): a model "
         "that opts in (Qwen2.5-Omni's talker) gets, as the input_extras keyword of its forward, the row "
         "of every scheduled token from its request's tensor (carried in SamplingParams.extra_args); "
         "vLLM has one token id (or a prompt embedding) per position and nothing per generated position. "
-        "Tensors are freed on finished_req_ids; for other models both wraps call straight through.",
-        wraps=(
-            "vllm.v1.worker.gpu_model_runner:GPUModelRunner._preprocess",
-            "vllm.v1.worker.gpu_model_runner:GPUModelRunner._update_states",
-        ),
+        "Tensors are freed on finished_req_ids by the _update_states wrap the request captures share "
+        "(request_captures); for other models the wrap calls straight through.",
+        wraps=("vllm.v1.worker.gpu_model_runner:GPUModelRunner._preprocess",),
         vllm_tests=(
             "tests/v1/worker/test_gpu_model_runner.py",
             "tests/v1/worker/test_gpu_input_batch.py",

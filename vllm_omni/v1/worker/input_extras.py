@@ -4,9 +4,9 @@ For a model that opts in, ``GPUModelRunner._preprocess`` (the base of the CPU ru
 after vLLM has built the step's inputs, the model's keyword arguments gain ``input_extras``, the row of
 every scheduled token (the token at position ``p`` of its request reads row ``min(p, rows - 1)`` of the
 request's tensor; padding and requests without extras: zeros). Each request's tensor is decoded from its
-``SamplingParams.extra_args`` when first scheduled and kept on the runner's device; the ``_update_states``
-wrap drops it when vLLM reports the request finished or aborted (``finished_req_ids``). For any other
-model both wraps call straight through.
+``SamplingParams.extra_args`` when first scheduled and kept on the runner's device; ``free_finished``
+(from the ``_update_states`` wrap the request captures share) drops it when vLLM reports the request
+finished or aborted (``finished_req_ids``). For any other model the wrap calls straight through.
 """
 
 from __future__ import annotations
@@ -83,16 +83,18 @@ def num_input_extras(runner) -> int | None:
     return None if store is None else len(store.tensors)
 
 
-def patch_model_runner(module) -> None:
-    """Wrap ``GPUModelRunner._update_states`` (free) and ``_preprocess`` (gather) once."""
-    runner_cls = module.GPUModelRunner
-    stock_update = runner_cls._update_states
-    stock_preprocess = runner_cls._preprocess
+def free_finished(runner, scheduler_output) -> None:
+    """Drop the extras of the step's finished or aborted requests (called by the shared
+    ``_update_states`` wrap of ``request_captures``; it runs before the model may be loaded)."""
+    store = runner.__dict__.get(_ATTR)
+    if store:
+        store.free(scheduler_output.finished_req_ids)
 
-    def _update_states(self, scheduler_output):
-        if (store := _live_store(self)) is not None:
-            store.free(scheduler_output.finished_req_ids)
-        return stock_update(self, scheduler_output)
+
+def patch_model_runner(module) -> None:
+    """Wrap ``GPUModelRunner._preprocess`` (gather) once."""
+    runner_cls = module.GPUModelRunner
+    stock_preprocess = runner_cls._preprocess
 
     def _preprocess(self, scheduler_output, num_input_tokens, intermediate_tensors=None):
         result = stock_preprocess(self, scheduler_output, num_input_tokens, intermediate_tensors)
@@ -103,10 +105,4 @@ def patch_model_runner(module) -> None:
         model_kwargs = {**model_kwargs, "input_extras": extras}
         return (*inputs, model_kwargs, ec_connector_output)
 
-    runner_cls._update_states = _update_states
     runner_cls._preprocess = _preprocess
-
-
-def _live_store(runner) -> InputExtrasStore | None:
-    """The store if the runner has one already (``_update_states`` runs before the model may be loaded)."""
-    return runner.__dict__.get(_ATTR) or None

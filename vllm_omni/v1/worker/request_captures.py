@@ -6,7 +6,8 @@ feature its engine has on (none: every wrap calls straight through). The wraps, 
 base class of vLLM's CUDA and CPU runners:
 
 - ``_setup_eagle3_aux_hidden_state_outputs`` (at load, before compile): each capture's ``after_load``;
-- ``_update_states``: every capture forgets the step's finished requests first;
+- ``_update_states``: every capture, and the input-extras store (``input_extras``), forgets the step's
+  finished requests first;
 - ``_gather_mm_embeddings``: each capture's ``after_gather``;
 - ``execute_model``: each capture's ``after_execute``, then pending data onto the output (if any);
 - ``sample_tokens``: pending data onto the step's ``ModelRunnerOutput``, one attribute per capture.
@@ -16,6 +17,7 @@ vLLM's ``worker_cls`` / ``worker_extension_cls`` do not reach the runner; docs/p
 
 from __future__ import annotations
 
+from vllm_omni.v1.worker import input_extras
 from vllm_omni.v1.worker.mm_embedding_capture import MMEmbeddingCapturer
 from vllm_omni.v1.worker.prompt_hidden_states_capture import PromptHiddenStatesCapturer
 from vllm_omni.v1.worker.runner_output import RequestCapture
@@ -61,6 +63,7 @@ def patch_model_runner(module) -> None:
     def _update_states(self, scheduler_output):
         for capture in captures(self):
             capture.free_finished(scheduler_output)
+        input_extras.free_finished(self, scheduler_output)
         return stock_update(self, scheduler_output)
 
     def _gather_mm_embeddings(self, scheduler_output, shift_computed_tokens=0):
