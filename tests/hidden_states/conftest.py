@@ -54,22 +54,24 @@ def hf_qwen3(qwen3_path) -> HFHiddenStates:
     return HFHiddenStates(qwen3_path)
 
 
+PREEMPTING = dict(
+    dtype="float32",
+    return_prompt_hidden_states=True,
+    max_model_len=256,
+    max_num_seqs=4,
+    max_num_batched_tokens=32,
+    block_size=32,
+    num_gpu_blocks_override=9,
+    disable_log_stats=False,
+)
+"""Engine settings under which long decodes preempt (see ``phs_llm``); stats on: tests read vLLM's
+preemption counter."""
+
+
 @pytest.fixture(scope="session")
 def phs_llm(qwen3_path):
     """Layer -2 (aux path), default CPU compile mode, prefix caching on; 32 tokens per step (chunked
     prefill) and 8 usable KV blocks of 32 tokens (plus vLLM's null block) for up to 4 sequences, so
     long decodes preempt."""
-    with running_llm(
-        qwen3_path,
-        dtype="float32",
-        enforce_eager=False,
-        return_prompt_hidden_states=True,
-        prompt_hidden_states_layer=-2,
-        max_model_len=256,
-        max_num_seqs=4,
-        max_num_batched_tokens=32,
-        block_size=32,
-        num_gpu_blocks_override=9,
-        disable_log_stats=False,
-    ) as llm:
+    with running_llm(qwen3_path, enforce_eager=False, prompt_hidden_states_layer=-2, **PREEMPTING) as llm:
         yield llm

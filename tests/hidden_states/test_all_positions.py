@@ -10,7 +10,7 @@ import torch
 from vllm import SamplingParams
 from vllm.sampling_params import RequestOutputKind
 
-from tests.hidden_states.conftest import ATOL, PROMPTS, RTOL
+from tests.hidden_states.conftest import ATOL, PREEMPTING, PROMPTS, RTOL
 from tests.hidden_states.test_lifecycle import num_preemptions
 from tests.utils import running_llm
 from vllm_omni.patch.report import engine_report
@@ -30,18 +30,7 @@ def asking(mode, **kwargs) -> SamplingParams:
 
 @pytest.fixture(scope="module")
 def layers_llm(qwen3_path):
-    with running_llm(
-        qwen3_path,
-        dtype="float32",
-        return_prompt_hidden_states=True,
-        prompt_hidden_states_layer=LAYERS,
-        max_model_len=256,
-        max_num_seqs=4,
-        max_num_batched_tokens=32,
-        block_size=32,
-        num_gpu_blocks_override=9,
-        disable_log_stats=False,
-    ) as llm:
+    with running_llm(qwen3_path, prompt_hidden_states_layer=LAYERS, **PREEMPTING) as llm:
         yield llm
 
 
