@@ -12,11 +12,12 @@ nothing.
 from __future__ import annotations
 
 import inspect
-import json
 import math
 from pathlib import Path
 
 import torch
+
+from vllm_omni.transformers_utils.safetensors_files import files_holding
 
 PREFIX = "token2wav."
 """Where the token2wav weights are in a Qwen2.5-Omni checkpoint."""
@@ -99,15 +100,9 @@ def _token2wav_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The ``token2wav.`` tensors of the folder's safetensors (sharded or not), prefix removed."""
     from safetensors import safe_open
 
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({file for key, file in weight_map.items() if key.startswith(PREFIX)})
-    else:
-        files = [path.name for path in sorted(folder.glob("*.safetensors"))]
     weights = {}
-    for file in files:
-        with safe_open(folder / file, "pt") as handle:
+    for file in files_holding(folder, PREFIX):
+        with safe_open(file, "pt") as handle:
             for key in handle.keys():
                 if key.startswith(PREFIX):
                     weights[key.removeprefix(PREFIX)] = handle.get_tensor(key)

@@ -48,13 +48,6 @@ def qwen2_5_omni_stages(folder: str, **thinker_engine_args: Any) -> list[OmniSta
         1, folder, ["hidden_states"], ["audio_codes"], final_output=False, stage_input="qwen2_5_omni_talker",
         hf_overrides=talker_hf_config, skip_tokenizer_init=True, **talker_args,
     )  # fmt: skip
-    talker.default_params = talker_sampling(folder)
+    talker.default_params = TalkerInputBuilder.from_folder(folder).sampling_fields()
     code2wav = OmniStageConfig(2, "code2wav", folder, ["audio_codes"], ["audio"])
     return [thinker, talker, code2wav]
-
-
-def talker_sampling(folder: str) -> dict[str, Any]:
-    """The talker's default ``SamplingParams`` fields (transformers' talker sampling, its codec stops)."""
-    params = TalkerInputBuilder.from_folder(folder).sampling_params()
-    fields = ("temperature", "top_k", "top_p", "repetition_penalty", "max_tokens", "stop_token_ids")
-    return {"ignore_eos": True, "detokenize": False, **{name: getattr(params, name) for name in fields}}

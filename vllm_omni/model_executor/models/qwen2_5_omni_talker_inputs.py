@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from vllm_omni.transformers_utils.safetensors_files import files_holding
+
 EMBED_WEIGHT = "thinker.model.embed_tokens.weight"
 SAMPLING_DEFAULTS = {
     "temperature": 0.9, "top_k": 40, "top_p": 0.8, "repetition_penalty": 1.05, "max_tokens": 4096
@@ -80,16 +82,20 @@ class TalkerInputBuilder:
         if voice not in self.voices:
             raise ValueError(f"voice must be one of {sorted(self.voices)}, got {voice!r}")
 
-    def sampling_params(self, **overrides):
-        """The talker's ``SamplingParams``: transformers' talker defaults (``SAMPLING_DEFAULTS``) unless
-        overridden, stopping at codec pad or end (``generate``'s ``talker_eos_token_id``). The folder's
+    def sampling_fields(self) -> dict:
+        """The talker's ``SamplingParams`` fields: transformers' talker defaults (``SAMPLING_DEFAULTS``),
+        stopping at codec pad or end (``generate``'s ``talker_eos_token_id``). The folder's
         ``generation_config.json`` is the thinker's: its EOS (a text token id) is ignored (``ignore_eos``),
-        the codec stop ids are ``stop_token_ids``. A request's extras are added per request."""
+        the codec stop ids are ``stop_token_ids``."""
+        stop = [self.codec_pad, self.codec_eos]
+        return {**SAMPLING_DEFAULTS, "stop_token_ids": stop, "ignore_eos": True, "detokenize": False}
+
+    def sampling_params(self, **overrides):
+        """The talker's ``SamplingParams`` (``sampling_fields``, ``overrides`` on top); a request's extras
+        are added per request."""
         from vllm import SamplingParams
 
-        stop = [self.codec_pad, self.codec_eos]
-        fields = {**SAMPLING_DEFAULTS, **overrides}
-        return SamplingParams(**fields, stop_token_ids=stop, ignore_eos=True, detokenize=False)
+        return SamplingParams(**{**self.sampling_fields(), **overrides})
 
     def build(
         self,
@@ -163,10 +169,9 @@ def _embedding_rows(folder: Path, token_ids: list[int]) -> dict[int, torch.Tenso
     """Rows of the thinker's input embedding, read from the (possibly sharded) safetensors, float32."""
     from safetensors import safe_open
 
-    index = folder / "model.safetensors.index.json"
-    shard = "model.safetensors"
-    if index.exists():
-        shard = json.loads(index.read_text())["weight_map"][EMBED_WEIGHT]
-    with safe_open(folder / shard, "pt") as weights:
-        table = weights.get_slice(EMBED_WEIGHT)
-        return {token_id: table[token_id : token_id + 1][0].float() for token_id in token_ids}
+    for file in files_holding(folder, EMBED_WEIGHT):
+        with safe_open(file, "pt") as weights:
+            if EMBED_WEIGHT in weights.keys():
+                table = weights.get_slice(EMBED_WEIGHT)
+                return {token_id: table[token_id : token_id + 1][0].float() for token_id in token_ids}
+    raise ValueError(f"{folder} holds no {EMBED_WEIGHT}: not a Qwen2.5-Omni checkpoint")
