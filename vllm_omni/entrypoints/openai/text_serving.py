@@ -12,12 +12,21 @@ per-choice tensors (mm_embedding, prompt hidden states: vllm-omni's patches of t
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
+
+from vllm_omni.entrypoints.openai.chat_audio import (
+    ANSWER,
+    AudioAnswer,
+    OmniServingChat,
+    audio_stage,
+    pipeline_voices,
+)
 
 if TYPE_CHECKING:
     from vllm_omni.entrypoints.openai.omni_server import OmniServer
@@ -99,22 +108,39 @@ class PipelineEngineClient:
         """Refuse a request (429) while the server holds ``--max-queued-requests``."""
         self.server.check_room()
 
-    async def generate(
+    def generate(
         self, prompt: Any, sampling_params: Any, request_id: str, **_unused: Any
     ) -> AsyncIterator[Any]:
-        """The text stage's ``RequestOutput``s of one request (which ends there: text is all it asks for).
-        A request a stage refuses raises ValueError (400), one that fails in a stage vLLM's
-        ``GenerationError`` (500, or 503 once a stage is gone)."""
+        """The text stage's ``RequestOutput``s of one request, which ends there, or at the audio stage when
+        the chat request being served asks for audio (``chat_audio.ANSWER``, read now: vLLM iterates the
+        outputs later). A request a stage refuses raises ValueError (400), one that fails in a stage
+        vLLM's ``GenerationError`` (500, or 503 once a stage is gone)."""
+        return self._generate(prompt, sampling_params, request_id, ANSWER.get())
+
+    async def _generate(
+        self, prompt: Any, sampling_params: Any, request_id: str, answer: AudioAnswer | None
+    ) -> AsyncIterator[Any]:
         from vllm.exceptions import GenerationError
+        from vllm.sampling_params import RequestOutputKind
 
         omni = self.server.omni
         last = text_stage(omni.stages)
-        params = [None] * len(omni.stages)
+        params: list[Any] = [None] * len(omni.stages)
         params[last] = sampling_params
+        modalities, deltas = ["text"], None
+        if (
+            answer is not None
+        ):  # the text stage hands its whole output on: streamed cumulative, sent as deltas
+            prompt = {**prompt, "voice": answer.voice}
+            params[audio_stage(omni.stages)] = answer.code2wav_params()
+            modalities = ["text", "audio"]
+            if sampling_params.output_kind == RequestOutputKind.DELTA:
+                params[last] = sampling_params.clone()
+                params[last].output_kind, deltas = RequestOutputKind.CUMULATIVE, _Deltas()
         self.server.held += 1
         try:
             entries = params if len(params) > 1 else sampling_params
-            async for output in omni.generate(prompt, entries, request_id, modalities=["text"]):
+            async for output in omni.generate(prompt, entries, request_id, modalities=modalities):
                 if output.refused:
                     raise ValueError(output.error)
                 if output.error is not None:
@@ -122,12 +148,36 @@ class PipelineEngineClient:
                     error.status_code = HTTPStatus(self.server.failure(output.error).status)
                     raise error
                 if output.stage_id == last and last in output.stage_outputs:
-                    yield output.stage_outputs[last]
+                    text_output = output.stage_outputs[last]
+                    yield text_output if deltas is None else deltas(text_output)
+                if answer is not None:
+                    answer.take(output.audio)
         finally:
             self.server.held -= 1
+            if answer is not None:
+                answer.end()
 
     async def abort(self, request_id: str | list[str]) -> None:
         await self.server.omni.abort(request_id)
+
+
+class _Deltas:
+    """One request's cumulative ``RequestOutput``s (of one sequence) as DELTA ones: what vLLM's streaming
+    chat reads."""
+
+    def __init__(self) -> None:
+        self.text = self.tokens = 0
+
+    def __call__(self, output: Any) -> Any:
+        (whole,) = output.outputs
+        logprobs = None if whole.logprobs is None else whole.logprobs[self.tokens :]
+        delta = dataclasses.replace(
+            whole, text=whole.text[self.text :], token_ids=whole.token_ids[self.tokens :], logprobs=logprobs
+        )
+        self.text, self.tokens = len(whole.text), len(whole.token_ids)
+        result = copy.copy(output)
+        result.outputs = [delta]
+        return result
 
 
 def attach_text_serving(app: FastAPI, server: OmniServer, args: argparse.Namespace) -> None:
@@ -135,7 +185,6 @@ def attach_text_serving(app: FastAPI, server: OmniServer, args: argparse.Namespa
     ``serves_text``), configured like ``vllm serve`` from ``args``."""
     from vllm.entrypoints.openai.chat_completion.api_router import router as chat_router
     from vllm.entrypoints.openai.chat_completion.batch_serving import OpenAIServingChatBatch
-    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
     from vllm.entrypoints.openai.completion.api_router import router as completion_router
     from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
     from vllm.entrypoints.openai.models.protocol import BaseModelPath
@@ -171,7 +220,8 @@ def attach_text_serving(app: FastAPI, server: OmniServer, args: argparse.Namespa
     chat = dict(common, response_role=frontend.response_role, **chat_options)
     app.state.args = frontend
     app.state.enable_server_load_tracking = False
-    app.state.openai_serving_chat = OpenAIServingChat(**chat)
+    voices = pipeline_voices(server.omni.stages, server.omni.manager.running.limits)
+    app.state.openai_serving_chat = OmniServingChat(**chat, voices=voices)
     app.state.openai_serving_chat_batch = OpenAIServingChatBatch(**chat)
     app.state.openai_serving_completion = OpenAIServingCompletion(**common)
     app.include_router(chat_router)
