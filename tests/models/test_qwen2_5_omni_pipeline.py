@@ -8,7 +8,7 @@ import pytest
 import torch
 from vllm import SamplingParams
 
-from tests.models.test_qwen2_5_omni_tiny import CHATS, hf, path, prompts  # noqa: F401  (fixtures)
+from tests.models.test_qwen2_5_omni_tiny import CHATS, hf, path, prompts, user  # noqa: F401  (fixtures)
 from vllm_omni import OmniLLM
 from vllm_omni.pipeline.model_pipelines import stages_for_model
 from vllm_omni.pipeline.qwen2_5_omni_stages import qwen2_5_omni_stages
@@ -23,7 +23,8 @@ TALKER = {"temperature": 0.0, "max_tokens": TALKER_TOKENS}  # greedy, the talker
 
 @pytest.fixture(scope="module")
 def omni(path):  # noqa: F811
-    pipeline = OmniLLM(qwen2_5_omni_stages(path, dtype="float32", max_model_len=512, enforce_eager=True))
+    stages = qwen2_5_omni_stages(path, dtype="float32", max_model_len=512, enforce_eager=True)
+    pipeline = OmniLLM(stages, keep_stage_outputs=True)  # the talker's codes too (stage_outputs[1])
     yield pipeline
     pipeline.close()
 
@@ -71,3 +72,51 @@ def test_an_unknown_voice_fails_the_request_naming_voice(omni, prompts):  # noqa
     prompt = {"prompt": prompts["text"], "voice": "Nobody"}
     (out,) = omni.generate([prompt], [THINKER, TALKER, {}], use_tqdm=False)
     assert "voice must be one of ['Chelsie', 'Ethan'], got 'Nobody'" in out.error
+
+
+# The request of test_speech_equals_transformers_generate among 7 others: other texts, voices and seeds, and
+# other thinker and talker lengths (the AR stages batch prompts and replies of different lengths; code2wav
+# batches windows of one length, whatever the voice: the first two others' match the request's).
+OTHERS = [  # (text or None for the text chat, voice, seed, thinker tokens, talker tokens)
+    ("Tell me a joke about cats.", VOICE, 4, THINKER_TOKENS, TALKER_TOKENS),
+    (None, "Chelsie", SEED, THINKER_TOKENS, TALKER_TOKENS),
+    ("Count from one to ten.", VOICE, 5, 2, 8),
+    ("Write a haiku about the sea, please, and explain it.", "Chelsie", 6, 12, 40),
+    ("Hi.", VOICE, 7, 9, 16),
+    ("Why is the sky blue?", "Chelsie", 8, 4, 32),
+    ("Name three rivers in Europe and the seas they flow into.", VOICE, 9, 10, 12),
+]
+
+
+def among_others(hf, text_prompt: str) -> tuple[list[dict], list[list]]:  # noqa: F811
+    """The 8 requests (the text chat, Ethan, seed SEED, at index 3) and their params per stage."""
+    render = hf[1].apply_chat_template
+    rows = [(None, VOICE, SEED, THINKER_TOKENS, TALKER_TOKENS), *OTHERS]
+    rows.insert(3, rows.pop(0))
+    requests, thinker, talker, code2wav = [], [], [], []
+    for text, voice, seed, thinker_tokens, talker_tokens in rows:
+        chat = text_prompt if text is None else render(user(text), add_generation_prompt=True, tokenize=False)
+        requests.append({"prompt": chat, "voice": voice})
+        thinker.append(SamplingParams(temperature=0.0, max_tokens=thinker_tokens, ignore_eos=True))
+        talker.append({**TALKER, "max_tokens": talker_tokens})
+        code2wav.append({"seed": seed})
+    return requests, [thinker, talker, code2wav]
+
+
+def test_a_requests_audio_is_the_same_alone_and_among_8_concurrent(omni, hf, prompts):  # noqa: F811
+    (alone,) = omni.generate(
+        [{"prompt": prompts["text"], "voice": VOICE}], [THINKER, TALKER, {"seed": SEED}], use_tqdm=False
+    )
+    outputs = omni.generate(*among_others(hf, prompts["text"]), use_tqdm=False)
+    for out in outputs:
+        assert out.error is None and out.audio is not None and out.audio.size > 0
+    lengths = {len(out.audio) for out in outputs}
+    assert len(lengths) > 2  # the talker's replies really differ in length
+    batched = outputs[3]
+    for stage in (0, 1):  # the thinker's text ids, the talker's codes
+        ids = [list(out.stage_outputs[stage].outputs[0].token_ids) for out in (batched, alone)]
+        assert ids[0] == ids[1]
+    assert batched.audio.shape == alone.audio.shape
+    # code2wav's DiT and BigVGAN in a batch of several round differently: max |difference| measured 3.2e-6
+    # (float32, three runs alike); the bound is about 3x that.
+    np.testing.assert_allclose(batched.audio, alone.audio, rtol=0, atol=1e-5)
