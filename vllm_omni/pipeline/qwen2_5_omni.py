@@ -6,7 +6,8 @@ The thinker stage (an ``ar`` stage on the Qwen2.5-Omni folder, ``prompt_hidden_s
 the talker stage's prompt: codec prompt ids, the prompt's ``cache_salt`` and the per-position input extras
 (``TalkerInputBuilder``, from the talker stage's folder), which the ``ar`` stage moves into the request's
 ``SamplingParams``. The voice is the original prompt's ``voice`` (default ``Chelsie``, transformers'
-default); an unknown voice is a ValueError naming ``voice`` and the folder's voices.
+default); an unknown voice is a ValueError naming ``voice`` and the folder's voices. A prompt with
+``reply_in_prompt`` speaks a given text (``REPLY_IN_PROMPT``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from vllm_omni.model_executor.models.qwen2_5_omni_talker_inputs import TalkerInp
 from vllm_omni.pipeline.stage_input import StageInput, register_stage_input
 
 DEFAULT_VOICE = "Chelsie"
+REPLY_IN_PROMPT = "reply_in_prompt"
+"""A prompt key: the prompt's last N tokens are a reply given to be spoken (``/v1/audio/speech``), which the
+talker reads as if the thinker had generated them; the thinker then generates one token, not spoken."""
 
 
 @register_stage_input("qwen2_5_omni_talker", needs="hidden_states", targets=("ar",), all_positions=True)
@@ -32,11 +36,23 @@ def talker_input(data: StageInput) -> dict[str, Any]:
             "of every position (prompt_hidden_states_layer=[0, -1], prompt_hidden_states 'all')"
         )
     builder = TalkerInputBuilder.from_folder(data.stage.model_path)
-    voice = voice_of(data.prompt)
-    request = builder.build(output.prompt_token_ids, list(completion.token_ids), states, voice)
+    ids = [*output.prompt_token_ids, *completion.token_ids]
+    reply_start = len(output.prompt_token_ids) - _reply_in_prompt(data.prompt, len(output.prompt_token_ids))
+    request = builder.build(ids[:reply_start], ids[reply_start:], states, voice_of(data.prompt))
     return {**request.prompt, INPUT_EXTRAS_KEY: request.input_extras}
 
 
 def voice_of(prompt: Any) -> str:
     """The request's voice: its prompt dict's ``voice``, else ``DEFAULT_VOICE``."""
-    return prompt.get("voice", DEFAULT_VOICE) if isinstance(prompt, dict) else DEFAULT_VOICE
+    return _prompt_dict(prompt).get("voice", DEFAULT_VOICE)
+
+
+def _reply_in_prompt(prompt: Any, num_prompt: int) -> int:
+    reply = _prompt_dict(prompt).get(REPLY_IN_PROMPT, 0)
+    if not isinstance(reply, int) or isinstance(reply, bool) or not 0 <= reply < num_prompt:
+        raise ValueError(f"{REPLY_IN_PROMPT} must be an integer in [0, {num_prompt}), got {reply!r}")
+    return reply
+
+
+def _prompt_dict(prompt: Any) -> dict[str, Any]:
+    return prompt if isinstance(prompt, dict) else {}

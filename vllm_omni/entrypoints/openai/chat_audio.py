@@ -90,10 +90,7 @@ class AudioAnswer:
             raise AudioRequestError(
                 "audio must be an object {voice, format} when modalities asks for it", "audio"
             )
-        if audio["voice"] not in voices:
-            raise AudioRequestError(
-                f"audio.voice must be one of {list(voices)}, got {audio['voice']!r}", "audio.voice"
-            )
+        check_voice(audio["voice"], voices, "audio.voice")
         stream = bool(request.stream)
         audio_format = audio.get("format", STREAM_FORMAT if stream else "wav")
         allowed = [STREAM_FORMAT] if stream else list(FORMATS)
@@ -221,6 +218,12 @@ def audio_stage(stages: list[Any]) -> int | None:
     """The last final stage making audio (None: the pipeline makes none)."""
     found = [s.stage_id for s in stages if s.final_output and "audio" in s.output_modalities]
     return found[-1] if found else None
+
+
+def check_voice(voice: Any, voices: tuple[str, ...], param: str) -> None:
+    """AudioRequestError naming ``param`` unless ``voice`` is one of ``voices``."""
+    if voice not in voices:
+        raise AudioRequestError(f"{param} must be one of {list(voices)}, got {voice!r}", param)
 
 
 def pipeline_voices(stages: list[Any], limits: list[Any]) -> tuple[str, ...] | None:

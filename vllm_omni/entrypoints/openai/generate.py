@@ -1,7 +1,8 @@
 """``POST /generate``: the native endpoint of any pipeline.
 
 The body is a prompt and each stage's params by stage id; the answer is the final text, images (base64
-PNG), latents (when a dit stage is asked for them) and a summary of each returned stage. With ``stream``
+PNG), latents (when a dit stage is asked for them), audio (float32 samples as a tensor, with their
+``sample_rate``) and a summary of each returned stage. With ``stream``
 the same comes as server-sent events while the request runs:
 
 - ``text`` ``{"stage_id", "delta"}``: an ar stage's new text, token by token;
@@ -16,9 +17,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
+from vllm_omni.audio.code2wav_request import SAMPLE_RATE
 from vllm_omni.entrypoints.openai.images import encode_image
 from vllm_omni.entrypoints.openai.tensors import encode_tensor
 from vllm_omni.pipeline.kinds import get_stage_kind
@@ -57,6 +60,8 @@ def generate_response(stages: list[Any], result: Any) -> dict[str, Any]:
     }
     if result.latents is not None:
         response["latents"] = encode_tensor(result.latents)
+    if result.audio is not None:
+        response["audio"] = {"sample_rate": SAMPLE_RATE, **encode_tensor(torch.from_numpy(result.audio))}
     return response
 
 

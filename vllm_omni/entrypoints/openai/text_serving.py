@@ -192,6 +192,8 @@ def attach_text_serving(app: FastAPI, server: OmniServer, args: argparse.Namespa
     from vllm.renderers.chat_utils import load_chat_template
     from vllm.renderers.online_renderer import OnlineRenderer
 
+    from vllm_omni.entrypoints.openai.speech import router as speech_router
+
     frontend = _frontend_args(args)
     client = PipelineEngineClient(server, _engine_config(server, args))
     models = OpenAIServingModels(
@@ -226,6 +228,9 @@ def attach_text_serving(app: FastAPI, server: OmniServer, args: argparse.Namespa
     app.state.openai_serving_completion = OpenAIServingCompletion(**common)
     app.include_router(chat_router)
     app.include_router(completion_router)
+    if voices is not None:  # a pipeline that speaks: /v1/audio/speech too
+        app.state.speech_tokenizer = client.renderer.get_tokenizer()
+        app.include_router(speech_router)
 
 
 def _frontend_args(args: argparse.Namespace) -> argparse.Namespace:
