@@ -110,6 +110,8 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": "tiny", "messages": HI, "max_tokens": 4096},
      "max_tokens"),
     ("/v1/chat/completions", {"model": "tiny", "messages": HI, "n": 0}, "n"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": HI, "modalities": ["text", "audio"],
+                              "audio": {"voice": "Chelsie", "format": "wav"}}, "modalities"),  # no talker
     ("/v1/completions", {"model": "tiny", "prompt": "word " * 600}, None),  # longer than --max-model-len 512
     ("/v1/completions", {"model": "tiny", "prompt": "x", "top_p": 2}, "top_p"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 100000}, "logprobs"),
