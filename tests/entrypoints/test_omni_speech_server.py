@@ -9,7 +9,10 @@ import base64
 import io
 import json
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import openai
@@ -200,3 +203,14 @@ def test_a_client_that_goes_away_frees_every_stage(url):
         time.sleep(0.2)
     assert _held_by_stages(url) == 0
     assert post(url, "/v1/audio/speech", {"input": "Still here.", "voice": "Ethan"}).status_code == 200
+
+
+def test_the_speech_client_example_writes_three_wavs(url, tmp_path):
+    example = Path(__file__).parents[2] / "examples" / "online_serving" / "omni_speech_client.py"
+    command = [sys.executable, str(example), "--url", url, "--voice", "Ethan", "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("answer", "streamed", "speech"):
+        samples, rate = soundfile.read(tmp_path / f"{name}.wav")
+        assert rate == SAMPLE_RATE and len(samples) > 0 and len(samples) % SAMPLES_PER_CODE == 0
+    assert result.stdout.startswith("answer: ") and "streamed: " in result.stdout
