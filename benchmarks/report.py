@@ -57,6 +57,8 @@ BENCHMARKS = (
     Benchmark("omni_pipeline", "omni_pipeline.py",
               "omni pipelines: pipelining, hand-off overhead, AR stage cost"),
     Benchmark("serving", "serving.py", "vllm serve --omni vs offline OmniLLM and stock vllm serve"),
+    Benchmark("omni_speech", "omni_speech.py",
+              "Qwen2.5-Omni speech under load vs transformers' generate: throughput, RTF, first audio"),
     Benchmark("scale_out", "scale_out.py", "stage replicas, the Ray launcher, object-store hand-offs"),
 )  # fmt: skip
 
