@@ -11,6 +11,7 @@ from vllm import SamplingParams
 from tests.models.test_qwen2_5_omni_tiny import CHATS, hf, path, prompts, user  # noqa: F401  (fixtures)
 from vllm_omni import OmniLLM
 from vllm_omni.pipeline.model_pipelines import stages_for_model
+from vllm_omni.pipeline.qwen2_5_omni import REPLY_IN_PROMPT
 from vllm_omni.pipeline.qwen2_5_omni_stages import qwen2_5_omni_stages
 
 pytestmark = pytest.mark.engine
@@ -58,6 +59,19 @@ def test_speech_equals_transformers_generate(omni, prompts, reference):  # noqa:
     assert out.error is None and out.stage_id == 2
     assert list(out.stage_outputs[0].outputs[0].token_ids) == ids
     assert out.audio.dtype == np.float32 and out.audio.shape == audio.shape
+    np.testing.assert_allclose(out.audio, audio, atol=1e-5)
+
+
+def test_a_reply_given_in_the_prompt_is_spoken_as_if_generated(omni, hf, prompts, reference):  # noqa: F811
+    """``reply_in_prompt`` (what ``/v1/audio/speech`` sends): the chat prompt followed by transformers' reply
+    but its last token (which is never fed back), the thinker generating one token: the talker reads the
+    same rows as after generating the reply, so the audio is transformers' own."""
+    ids, audio = reference
+    prompt_ids = hf[1].tokenizer(prompts["text"]).input_ids
+    given = {"prompt_token_ids": prompt_ids + ids[:-1], "voice": VOICE, REPLY_IN_PROMPT: len(ids) - 1}
+    thinker = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    (out,) = omni.generate([given], [thinker, TALKER, {"seed": SEED}], use_tqdm=False)
+    assert out.error is None and list(out.stage_outputs[0].outputs[0].token_ids) == ids[-1:]
     np.testing.assert_allclose(out.audio, audio, atol=1e-5)
 
 
