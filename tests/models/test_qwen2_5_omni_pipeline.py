@@ -8,7 +8,8 @@ import pytest
 import torch
 from vllm import SamplingParams
 
-from tests.models.test_qwen2_5_omni_tiny import CHATS, hf, path, prompts, user  # noqa: F401  (fixtures)
+from tests.models.test_qwen2_5_omni_talker import hf_runs  # noqa: F401  (fixture)
+from tests.models.test_qwen2_5_omni_tiny import CHATS, VLLM_MEDIA, hf, path, prompts, user  # noqa: F401  (fixtures)
 from vllm_omni import OmniLLM
 from vllm_omni.pipeline.model_pipelines import stages_for_model
 from vllm_omni.pipeline.qwen2_5_omni import REPLY_IN_PROMPT
@@ -73,6 +74,17 @@ def test_a_reply_given_in_the_prompt_is_spoken_as_if_generated(omni, hf, prompts
     (out,) = omni.generate([given], [thinker, TALKER, {"seed": SEED}], use_tqdm=False)
     assert out.error is None and list(out.stage_outputs[0].outputs[0].token_ids) == ids[-1:]
     np.testing.assert_allclose(out.audio, audio, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["image", "audio"])
+def test_image_and_audio_chats_are_spoken_as_transformers_speaks_them(omni, prompts, hf_runs, name):  # noqa: F811
+    """The whole pipeline on a media chat (vLLM's multimodal prompt): the thinker's ids and the talker's
+    codes are transformers' whole ``generate``'s (greedy; its talker reads the media rows zeroed)."""
+    prompt = {"prompt": prompts[name], "multi_modal_data": VLLM_MEDIA[name], "voice": VOICE}
+    (out,) = omni.generate([prompt], [THINKER, TALKER, {"seed": SEED}], use_tqdm=False)
+    assert out.error is None and out.audio is not None and len(out.audio) > 0
+    assert list(out.stage_outputs[0].outputs[0].token_ids) == hf_runs[name]["output_ids"]
+    assert list(out.stage_outputs[1].outputs[0].token_ids) == hf_runs[name]["codes"]
 
 
 def test_a_text_only_request_skips_the_talker_and_code2wav(omni, prompts, reference):  # noqa: F811

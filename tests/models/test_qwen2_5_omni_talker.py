@@ -12,8 +12,6 @@ from vllm import SamplingParams
 
 from tests.models.test_qwen2_5_omni_tiny import CHATS, MEDIA
 from tests.utils import running_llm
-from vllm_omni import OmniLLM
-from vllm_omni.config.stage import OmniStageConfig
 from vllm_omni.model_executor.models.input_extras import with_input_extras
 from vllm_omni.model_executor.models.qwen2_5_omni_talker import talker_hf_config
 from vllm_omni.model_executor.models.qwen2_5_omni_talker_inputs import TalkerInputBuilder
@@ -166,33 +164,3 @@ def test_extras_cross_vllms_msgpack_unchanged(builder, hf_runs):
     decoded = MsgpackDecoder(SamplingParams).decode(MsgpackEncoder().encode(params))
     extras = read_input_extras(decoded.extra_args[INPUT_EXTRAS_KEY])
     assert torch.equal(extras, request.input_extras)
-
-
-@pytest.mark.engine
-def test_thinker_to_talker_pipeline_speaks_transformers_codes(path, builder, hf_runs):
-    """OmniLLM: vLLM's thinker (layers 0 and -1 of every position) hands its reply to the talker stage
-    (stage_input qwen2_5_omni_talker, the prompt's voice); the codes are transformers' for the text chat."""
-    from transformers import AutoProcessor
-
-    common = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True}
-    thinker = OmniStageConfig(
-        0, "ar", path, output_modalities=["text", "hidden_states"], final_output=False,
-        engine_args={**common, "prompt_hidden_states_layer": [0, -1]},
-    )  # fmt: skip
-    talker = OmniStageConfig(
-        1, "ar", path, output_modalities=["audio_codes"], source_stage=0, stage_input="qwen2_5_omni_talker",
-        engine_args={**common, "hf_overrides": talker_hf_config, "skip_tokenizer_init": True},
-    )  # fmt: skip
-    processor = AutoProcessor.from_pretrained(path)
-    text = processor.apply_chat_template(CHATS["text"], add_generation_prompt=True, tokenize=False)
-    greedy_thinker = {"temperature": 0.0, "max_tokens": THINKER_TOKENS, "ignore_eos": True}
-    params = [
-        SamplingParams(**greedy_thinker, extra_args={"prompt_hidden_states": "all"}),
-        builder.sampling_params(**GREEDY),
-    ]
-    omni = OmniLLM([thinker, talker])
-    try:
-        (output,) = omni.generate([{"prompt": text, "voice": VOICE}], params, use_tqdm=False)
-    finally:
-        omni.close()
-    assert list(output.stage_outputs[1].outputs[0].token_ids) == hf_runs["text"]["codes"]
