@@ -67,7 +67,7 @@ class AudioAnswer:
         extra = request.model_extra or {}
         modalities, audio = extra.get("modalities"), extra.get("audio")
         if modalities is not None and (
-            not isinstance(modalities, list) or not modalities or not set(modalities) <= set(MODALITIES)
+            not isinstance(modalities, list) or not modalities or any(m not in MODALITIES for m in modalities)
         ):
             raise AudioRequestError(
                 f"modalities must be a non-empty list of {list(MODALITIES)}", "modalities"
@@ -128,7 +128,7 @@ class AudioAnswer:
         """vLLM's SSE ``chunks`` of the answer with its audio chunks put in before the finishing chunk."""
         pump = asyncio.ensure_future(_pump(chunks, self.events))
         answer = _StreamedAnswer()
-        held: list[str] = []
+        held: list[str] = []  # the finishing chunk, until the audio is done
         audio_done = False
         try:
             while True:
@@ -137,9 +137,10 @@ class AudioAnswer:
                     yield answer.chunk({"id": self.audio_id, "data": base64.b64encode(pcm16(item)).decode()})
                 elif kind == "audio_end":
                     audio_done = True
-                    yield answer.chunk({**self._header(), "transcript": answer.text})
-                    yield "".join(held)
-                    held.clear()
+                    if self.waveform is not None:  # else the request failed: vLLM's error chunk follows
+                        yield answer.chunk({**self._header(), "transcript": answer.text})
+                    if held:
+                        yield held.pop()
                 elif kind == "sse" and answer.read(item) and not audio_done:
                     now, later = answer.split(item)  # its text now, its finish after the audio
                     yield now
@@ -147,7 +148,8 @@ class AudioAnswer:
                 elif kind == "sse":
                     yield item
                 else:  # vLLM's stream ended (after the pipeline's, unless it failed before it began)
-                    yield "".join(held)
+                    if held:
+                        yield held.pop()
                     return
         finally:
             pump.cancel()
