@@ -8,9 +8,12 @@ import pytest
 import torch
 from vllm import SamplingParams
 
+from tests.entrypoints.test_hub_model_ids import serve_args
 from tests.models.test_qwen2_5_omni_talker import hf_runs  # noqa: F401  (fixture)
 from tests.models.test_qwen2_5_omni_tiny import CHATS, VLLM_MEDIA, hf, path, prompts, user  # noqa: F401  (fixtures)
 from vllm_omni import OmniLLM
+from vllm_omni.entrypoints.cli.serve import stages_from_args
+from vllm_omni.model_executor.models.qwen2_5_omni_talker import talker_hf_config
 from vllm_omni.pipeline.model_pipelines import stages_for_model
 from vllm_omni.pipeline.qwen2_5_omni import REPLY_IN_PROMPT
 from vllm_omni.pipeline.qwen2_5_omni_stages import qwen2_5_omni_stages
@@ -50,6 +53,14 @@ def test_the_folder_implies_thinker_talker_code2wav(path):  # noqa: F811
     assert (thinker.engine_type, talker.engine_type, code2wav.engine_type) == ("ar", "ar", "code2wav")
     assert thinker.final_output and not talker.final_output and code2wav.final_output
     assert talker.stage_input == "qwen2_5_omni_talker" and talker.default_params["top_k"] == 40
+
+
+def test_vllm_serve_engine_flags_are_the_thinkers(path):  # noqa: F811
+    """``vllm serve MODEL --omni --max-model-len N``: the thinker's context; the talker keeps its own."""
+    args = serve_args(path, "--omni", "--max-model-len", "1024", "--dtype", "float32")
+    thinker, talker, _ = stages_from_args(args)
+    assert thinker.engine_args["max_model_len"] == 1024 and "max_model_len" not in talker.engine_args
+    assert talker.engine_args["dtype"] == "float32" and talker.engine_args["hf_overrides"] is talker_hf_config
 
 
 def test_speech_equals_transformers_generate(omni, prompts, reference):  # noqa: F811

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 from vllm_omni.config.dit import DiTConfig
@@ -24,7 +23,7 @@ from vllm_omni.config.stage import (
     load_pipeline_file,
 )
 from vllm_omni.entrypoints.openai.text_serving import add_chat_args
-from vllm_omni.pipeline.model_pipelines import pipeline_of
+from vllm_omni.pipeline.model_pipelines import is_pipeline_file, pipeline_of, stages_for_model
 
 DESCRIPTION = """Serve an omni pipeline: OpenAI Images API (/v1/images/generations), /v1/chat/completions and
 /v1/completions (pipelines from an ar stage to an ar stage), the native /generate, /health, /info,
@@ -146,18 +145,22 @@ def stages_from_args(args: argparse.Namespace) -> list[OmniStageConfig]:
             create_ar_stage_config(0, args.ar_stage, stage_input=_rewrite_input(args.ar_system_prompt)),
             create_dit_stage_config(1, args.dit_stage),
         ]
-    elif args.stage_config or args.model_tag:
-        stages = pipeline_of(args.stage_config or args.model_tag, args.revision)[0]
+    elif args.stage_config or is_pipeline_file(args.model_tag):
+        stages = pipeline_of(args.stage_config or args.model_tag)[0]
+    elif args.model_tag:  # the model's pipeline decides which of its engines the flags are for
+        flags = _engine_flags(args)
+        stages = stages_for_model(args.model_tag, flags.pop("revision", None), **flags)
+        return [_with_flags(stage, args, {}) for stage in stages]
     else:
         raise ValueError("no pipeline: give MODEL, --stage-config FILE, or --ar-stage and --dit-stage")
-    return [_with_flags(stage, args) for stage in stages]
+    return [_with_flags(stage, args, _engine_flags(args)) for stage in stages]
 
 
 def launcher_from_args(args: argparse.Namespace) -> Any:
     """The stages' launcher: ``--stage-launcher``, else the stage YAML's ``launcher``, else local (a
     ``RayLauncher`` for ``--ray-address``)."""
     path = args.stage_config or args.model_tag
-    from_file = load_pipeline_file(path)[1] if path and Path(path).suffix in (".yaml", ".yml") else None
+    from_file = load_pipeline_file(path)[1] if is_pipeline_file(path) else None
     name = args.stage_launcher or from_file or "local"
     if args.ray_address is None:
         return name
@@ -168,13 +171,15 @@ def launcher_from_args(args: argparse.Namespace) -> Any:
     return RayLauncher(address=args.ray_address)
 
 
-def _with_flags(stage: OmniStageConfig, args: argparse.Namespace) -> OmniStageConfig:
-    """The stage with the command line's engine flags (ar) or --dit-* flags (dit) applied. An ar stage logs
-    stats (vLLM's metrics in /metrics) as ``vllm serve`` does, unless --disable-log-stats or its config say
+def _with_flags(
+    stage: OmniStageConfig, args: argparse.Namespace, engine_flags: dict[str, Any]
+) -> OmniStageConfig:
+    """The stage with ``engine_flags`` (ar) or the --dit-* flags (dit) applied. An ar stage logs stats
+    (vLLM's metrics in /metrics) as ``vllm serve`` does, unless --disable-log-stats or its config say
     otherwise (``vllm.LLM`` alone does not)."""
     if stage.engine_type == "ar":
         engine_args = {"disable_log_stats": args.disable_log_stats, **stage.engine_args}
-        return dataclasses.replace(stage, engine_args={**engine_args, **_engine_flags(args)})
+        return dataclasses.replace(stage, engine_args={**engine_args, **engine_flags})
     if stage.engine_type == "dit":
         size = args.dit_size or (None, None)
         flags = {"num_inference_steps": args.dit_steps, "guidance_scale": args.dit_guidance_scale,
