@@ -108,6 +108,32 @@ def test_chunked_audio_vs_whole(engine):
     np.testing.assert_array_equal(whole(engine, ids, **vars(wide)), reference)
 
 
+def test_codes_given_as_they_come_make_the_same_chunks(engine):
+    """An open request (a talker still generating): each chunk is made as soon as its codes and right
+    context are known, with the window and noise of the whole input; the audio equals the request given
+    every code at once, exactly."""
+    ids = codes(40, seed=6)
+    params = Code2WavParams(seed=2, chunk_size=12, emit_chunks=True, **FAST)
+    reference = np.concatenate([c.waveform for c in run(engine, {"r": (ids, params)})["r"]])
+    engine.add_request("open", {"codes": ids[:5]}, params, open=True)
+    made = {}  # known codes -> chunks made then
+    for known in range(5, 41):
+        engine.extend_request("open", {"codes": ids[:known]}, done=known == 40)
+        while engine.has_unfinished_requests():
+            made.setdefault(known, []).extend(engine.step())
+    ready = {known: [c.sample_offset // SAMPLES_PER_CODE for c in chunks] for known, chunks in made.items()}
+    assert {k: v for k, v in ready.items() if v} == {24: [0], 36: [12], 40: [24, 36]}  # 12 + 12 right context
+    assert made[40][-1].finished and not any(c.finished for c in made[24] + made[36])
+    np.testing.assert_array_equal(
+        np.concatenate([c.waveform for c in made[24] + made[36] + made[40]]), reference
+    )
+    with pytest.raises(ValueError, match="must extend the 3 codes it has"):
+        engine.add_request("o2", {"codes": ids[:3]}, params, open=True)
+        engine.extend_request("o2", {"codes": ids[1:5]}, done=False)
+    engine.abort_requests(["o2"])
+    assert not engine.has_unfinished_requests() and (engine.running, engine.waiting) == ([], [])
+
+
 def test_refused_input_names_the_field_and_the_engine_keeps_serving(engine):
     for prompt, params, message in (
         ({"codes": [1, 2]}, Code2WavParams(voice="Nobody"), r"voice must be one of \['Chelsie', 'Ethan'\]"),

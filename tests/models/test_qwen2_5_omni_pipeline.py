@@ -3,6 +3,9 @@ on the tiny checkpoint, against transformers' whole ``generate`` (greedy thinker
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +14,7 @@ from vllm import SamplingParams
 from tests.entrypoints.test_hub_model_ids import serve_args
 from tests.models.test_qwen2_5_omni_talker import hf_runs  # noqa: F401  (fixture)
 from tests.models.test_qwen2_5_omni_tiny import CHATS, VLLM_MEDIA, hf, path, prompts, user  # noqa: F401  (fixtures)
-from vllm_omni import OmniLLM
+from vllm_omni import AsyncOmniLLM, OmniLLM
 from vllm_omni.entrypoints.cli.serve import stages_from_args
 from vllm_omni.model_executor.models.qwen2_5_omni_talker import talker_hf_config
 from vllm_omni.pipeline.model_pipelines import stages_for_model
@@ -32,6 +35,14 @@ def omni(path):  # noqa: F811
     pipeline = OmniLLM(stages, keep_stage_outputs=True)  # the talker's codes too (stage_outputs[1])
     yield pipeline
     pipeline.close()
+
+
+@pytest.fixture(scope="module")
+def async_omni(path):  # noqa: F811
+    stages = qwen2_5_omni_stages(path, dtype="float32", max_model_len=512, enforce_eager=True)
+    pipeline = AsyncOmniLLM(stages, keep_stage_outputs=True)  # the talker's output in each snapshot
+    yield pipeline
+    pipeline.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +168,45 @@ def test_a_requests_audio_is_the_same_alone_and_among_8_concurrent(omni, hf, pro
     # code2wav's DiT and BigVGAN in a batch of several round differently: max |difference| measured 3.2e-6
     # (float32, three runs alike); the bound is about 3x that.
     np.testing.assert_allclose(batched.audio, alone.audio, rtol=0, atol=1e-5)
+
+
+LONG_TALKER = {"temperature": 0.0, "max_tokens": 400}  # greedy: 400 codes, ~1 s of talker on this CPU
+CHUNKED = {"seed": SEED, "chunk_size": 16}
+
+
+def test_code2wav_speaks_while_the_talker_generates(async_omni, omni, prompts):  # noqa: F811
+    """Streaming, code2wav takes the codes as the talker makes them: the first chunk (16 codes and 12 of
+    right context) comes while the talker is still generating, and the audio equals the same chunks made
+    from every code at once (offline, where code2wav starts when the talker has finished), exactly."""
+    prompt = {"prompt": prompts["text"], "voice": VOICE}
+    params = [THINKER, LONG_TALKER, CHUNKED]
+
+    async def stream() -> tuple:
+        talker_at_first_audio = None
+        async for out in async_omni.generate(prompt, params, "streamed"):
+            if out.audio is not None and talker_at_first_audio is None:
+                talker_at_first_audio = out.stage_outputs[1]
+        return out, talker_at_first_audio
+
+    out, talker_then = asyncio.run(stream())
+    assert out.error is None and not talker_then.finished
+    assert len(talker_then.outputs[0].token_ids) < len(out.stage_outputs[1].outputs[0].token_ids)
+    (whole,) = omni.generate([prompt], params, use_tqdm=False)
+    np.testing.assert_array_equal(out.audio, whole.audio)
+
+
+def test_a_request_stopped_in_the_talker_and_code2wav_at_once_leaves_nothing(async_omni, prompts):  # noqa: F811
+    prompt = {"prompt": prompts["text"], "voice": VOICE}
+
+    async def stop_at_first_audio() -> tuple:
+        outputs = async_omni.generate(prompt, [THINKER, LONG_TALKER, CHUNKED], "stopped")
+        async with contextlib.aclosing(outputs):  # closed at the first audio: aborted in every stage
+            async for out in outputs:
+                if out.audio is not None:
+                    break
+        return out.stage_outputs[1].finished, [await async_omni.stage_stats(i) for i in range(3)]
+
+    talker_done, (thinker, talker, code2wav) = asyncio.run(stop_at_first_audio())
+    assert not talker_done  # it was in the talker and in code2wav
+    assert thinker["unfinished"] == talker["unfinished"] == 0
+    assert code2wav["running"] == code2wav["waiting"] == 0

@@ -34,11 +34,14 @@ class Code2WavRequest:
 
     request_id: str
     codes: torch.Tensor
-    """(1, num_codes) codec token ids."""
+    """(1, num_codes) codec token ids: all of them, or those known so far while ``input_done`` is False."""
     params: Code2WavParams
     noise: torch.Tensor
-    """(1, num_codes x repeats, mel_dim): the initial noise of every code's mel frames."""
-    windows: list[ChunkWindow]
+    """(1, frames, mel_dim): the initial noise of every code's mel frames (for an open request, of the most
+    codes a request may bring: ``torch.randn``'s first values do not depend on how many it draws)."""
+    block_codes: int
+    input_done: bool = True
+    """Every code is known (an open request's input grows until it is)."""
     next_chunk: int = 0
     pieces: list[np.ndarray] = field(default_factory=list)
     """Chunks made but not yet sent (all of them unless ``params.emit_chunks``)."""
@@ -46,8 +49,26 @@ class Code2WavRequest:
     """Samples already sent (where the next output starts)."""
 
     @property
-    def window(self) -> ChunkWindow:
-        return self.windows[self.next_chunk]
+    def windows(self) -> list[ChunkWindow]:
+        """The chunks of the codes known now (the last ones may still grow)."""
+        return chunk_windows(self.codes.shape[1], self.params, self.block_codes)
+
+    @property
+    def window(self) -> ChunkWindow | None:
+        """The next chunk, when it can be made: every code it and its right context need is known (its
+        window is then what the whole input gives it)."""
+        windows = self.windows
+        if self.next_chunk >= len(windows):
+            return None
+        window, size = windows[self.next_chunk], self.params.chunk_size
+        if self.input_done:
+            return window
+        whole = size is not None and window.end - window.start == size
+        return window if whole and window.window_end == window.end + self.params.right_context else None
+
+    @property
+    def finished(self) -> bool:
+        return self.input_done and self.next_chunk == len(self.windows)
 
 
 class Code2WavEngine:
@@ -67,27 +88,36 @@ class Code2WavEngine:
         self.waiting: list[Code2WavRequest] = []
         self.running: list[Code2WavRequest] = []
 
-    def add_request(self, request_id: str, prompt: dict, params: Code2WavParams) -> None:
+    def add_request(self, request_id: str, prompt: dict, params: Code2WavParams, open: bool = False) -> None:
         """Validate and queue a request (ValueError naming the field when it is refused). A prompt's
-        ``voice`` (a pipeline hands on its request's) takes the place of the params' voice."""
-        if not isinstance(prompt, dict) or "codes" not in prompt or not set(prompt) <= {"codes", "voice"}:
-            got = sorted(prompt) if isinstance(prompt, dict) else type(prompt).__name__
-            raise ValueError(f"a code2wav prompt is {{'codes': [codec ids], optional 'voice'}}, got {got}")
-        if "voice" in prompt:
+        ``voice`` (a pipeline hands on its request's) takes the place of the params' voice. ``open``: the
+        codes are those known so far; ``extend_request`` brings the rest."""
+        if "voice" in _checked(prompt):
             params = dataclasses.replace(params, voice=prompt["voice"])
         self.limits.check_params(params)
         codes = self.limits.check_codes(prompt["codes"])
-        if any(r.request_id == request_id for r in self.waiting + self.running):
+        if self._find(request_id) is not None:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if len(self.waiting) + len(self.running) >= self.limits.max_num_requests:
             raise ValueError(f"the stage holds {self.limits.max_num_requests} requests (max_num_requests)")
         generator = torch.Generator().manual_seed(params.seed)
-        self.waiting.append(
-            Code2WavRequest(
-                request_id, torch.tensor([codes]), params, self.token2wav.noise(len(codes), generator),
-                chunk_windows(len(codes), params, self.token2wav.block_codes),
-            )
-        )  # fmt: skip
+        noise = self.token2wav.noise(self.limits.max_codes if open else len(codes), generator)
+        request = Code2WavRequest(
+            request_id, torch.tensor([codes]), params, noise, self.token2wav.block_codes
+        )
+        request.input_done = not open
+        self.waiting.append(request)
+
+    def extend_request(self, request_id: str, prompt: dict, done: bool) -> None:
+        """An open request's codes so far (those it had, then new ones); ``done``: all of them."""
+        request = self._find(request_id)
+        if request is None or request.input_done:
+            raise ValueError(f"request {request_id!r} is not an open request of this stage")
+        codes = self.limits.check_codes(_checked(prompt)["codes"])
+        known = request.codes[0].tolist()
+        if codes[: len(known)] != known:
+            raise ValueError(f"request {request_id!r}: codes must extend the {len(known)} codes it has")
+        request.codes, request.input_done = torch.tensor([codes]), done
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Drop these requests and what they hold."""
@@ -101,15 +131,22 @@ class Code2WavEngine:
         self.waiting = self.waiting[admitted:]
         groups: dict[tuple, list[Code2WavRequest]] = defaultdict(list)
         for request in self.running:
-            groups[self._batch_key(request)].append(request)
+            if request.window is not None:
+                groups[self._batch_key(request)].append(request)
         outputs = []
         for group in groups.values():
             outputs += self._make_chunks(group)
-        self.running = [r for r in self.running if r.next_chunk < len(r.windows)]
+        self.running = [r for r in self.running if not r.finished]
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Whether a step has work: requests to admit, or a chunk that can be made (an open request waiting
+        for codes is not work: its stage waits for them)."""
+        admits = self.waiting and len(self.running) < self.config.max_batch_size
+        return bool(admits) or any(r.window is not None for r in self.running)
+
+    def _find(self, request_id: str) -> Code2WavRequest | None:
+        return next((r for r in self.waiting + self.running if r.request_id == request_id), None)
 
     def _batch_key(self, request: Code2WavRequest) -> tuple:
         window, params = request.window, request.params
@@ -138,7 +175,7 @@ class Code2WavEngine:
             offset = window.window_start
             request.pieces.append(row[(window.start - offset) * per_code : (window.end - offset) * per_code])
             request.next_chunk += 1
-            if request.params.emit_chunks or request.next_chunk == len(request.windows):
+            if request.params.emit_chunks or request.finished:
                 outputs.append(self._take_output(request))
         return outputs
 
@@ -146,8 +183,15 @@ class Code2WavEngine:
         """The audio made since the last output (the whole waveform unless the request emits chunks)."""
         waveform = np.concatenate(request.pieces)
         output = Code2WavOutput(
-            request.request_id, waveform, request.sent_samples, request.codes.shape[1],
-            finished=request.next_chunk == len(request.windows),
+            request.request_id, waveform, request.sent_samples, request.codes.shape[1], request.finished
         )  # fmt: skip
         request.pieces, request.sent_samples = [], request.sent_samples + len(waveform)
         return output
+
+
+def _checked(prompt: object) -> dict:
+    """A code2wav prompt (ValueError naming what it must be)."""
+    if not isinstance(prompt, dict) or "codes" not in prompt or not set(prompt) <= {"codes", "voice"}:
+        got = sorted(prompt) if isinstance(prompt, dict) else type(prompt).__name__
+        raise ValueError(f"a code2wav prompt is {{'codes': [codec ids], optional 'voice'}}, got {got}")
+    return prompt

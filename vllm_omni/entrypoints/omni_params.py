@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_omni.config.stage import OmniStageConfig
-from vllm_omni.pipeline.kinds import get_stage_kind
+from vllm_omni.pipeline.kinds import get_stage_kind, streams_input
 from vllm_omni.pipeline.kinds.base import StageRoute
 from vllm_omni.pipeline.stage_input import reads_all_positions
 
@@ -48,6 +48,7 @@ def _route(
         handed_on=bool(readers),
         cut_short=cut_short,
         all_positions=any(reads_all_positions(route, reader) for reader in readers),
+        streamed_on=streaming and any(streams_input(reader) for reader in readers),
     )
 
 

@@ -1,7 +1,7 @@
 """Every message between the stage manager and a stage process (pickled by ``stage_io``).
 
-Manager -> stage: :class:`AddRequests`, :class:`AbortRequests`, :class:`GetStats`, :class:`GetMetrics`,
-:class:`Shutdown`.
+Manager -> stage: :class:`AddRequests`, :class:`ExtendRequest`, :class:`AbortRequests`, :class:`GetStats`,
+:class:`GetMetrics`, :class:`Shutdown`.
 Stage -> manager: :class:`StageReady` or :class:`StageStartFailed` once, then :class:`StageOutputs` once per
 engine step with news, :class:`StageReply` to each add, stats and metrics request, :class:`StageFailed`
 before it exits on an engine failure. Each message names its kind with ``type``, the way vLLM's
@@ -19,6 +19,7 @@ class StageMessageType(enum.Enum):
     """The kinds of message."""
 
     ADD = "add"
+    EXTEND = "extend"
     ABORT = "abort"
     GET_STATS = "get_stats"
     GET_METRICS = "get_metrics"
@@ -40,6 +41,9 @@ class StageRequest:
     """The stage's input: what the stage-input function made of the request."""
     params: Any
     """The stage's params object (``SamplingParams``, ``DiffusionSamplingParams``, ...)."""
+    open: bool = False
+    """The prompt is the input so far: more comes in :class:`ExtendRequest` messages, while the stage before
+    still makes it (a stage kind that ``streams_input``)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,16 @@ class AddRequests:
     type: ClassVar[StageMessageType] = StageMessageType.ADD
     token: int
     requests: list[StageRequest]
+
+
+@dataclass(frozen=True)
+class ExtendRequest:
+    """An open request's input so far (the whole of it, growing); ``done``: it is complete."""
+
+    type: ClassVar[StageMessageType] = StageMessageType.EXTEND
+    request_id: str
+    prompt: Any
+    done: bool
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,14 @@ from itertools import count
 from typing import Any
 
 from vllm_omni.config.stage import OmniStageConfig
-from vllm_omni.pipeline.kinds import get_stage_kind
+from vllm_omni.pipeline.kinds import get_stage_kind, streams_input
 from vllm_omni.pipeline.launcher import StageLauncher
 from vllm_omni.pipeline.memory_plan import plan_memory
 from vllm_omni.pipeline.outputs import OmniRequestOutput
 from vllm_omni.pipeline.protocol import (
     AbortRequests,
     AddRequests,
+    ExtendRequest,
     GetMetrics,
     GetStats,
     StageMessageType,
@@ -64,6 +65,13 @@ class _Request:
     """Stage outputs still held: final ones, and non-final ones a later stage reads."""
     kept: list[Any] = field(default_factory=list)
     """What the codec kept of the last output to pass on to the next stage (shared-memory segments)."""
+    fed: tuple[int, int, str] | None = None
+    """(stage, slot, hop id) of the next stage while it takes the request's input as the current stage
+    makes it (``streams_input``: an open request there); None otherwise."""
+
+    def hops(self) -> list[tuple[int, str]]:
+        """(slot, hop id) of every stage the request is in."""
+        return [(self.slot, self.hop_id)] + ([self.fed[1:]] if self.fed is not None else [])
 
 
 class StageManager:
@@ -103,7 +111,7 @@ class StageManager:
         self._hops: dict[str, str] = {}
         self._serial = count()
         self._updates: list[OmniRequestOutput] = []
-        self._handoffs: collections.deque[tuple[_Request, int]] = collections.deque()
+        self._handoffs: collections.deque[tuple[_Request, int, bool]] = collections.deque()
         self._replies: dict[int, Any] = {}
         self._waited: set[int] = set()
         self._adds: dict[int, list[str]] = {}
@@ -201,11 +209,8 @@ class StageManager:
         with self._lock:
             for request_id in request_ids:
                 request = self.requests.get(request_id)
-                if request is None:
-                    continue
-                if self.dead is None and request.slot not in self.dead_replicas:
-                    self._send(request.slot, AbortRequests([request.hop_id]))
-                self._end(request, error="aborted")
+                if request is not None:
+                    self._end(request, error="aborted")
 
     def poll(self, timeout: float) -> list[OmniRequestOutput]:
         """Route what the stages sent and hand finished requests on, waiting up to ``timeout`` seconds for
@@ -315,7 +320,7 @@ class StageManager:
         if not self._live_slots(self.running.slots[slot][0]):
             self._fail_all(error)
             return
-        for request in [r for r in self.requests.values() if r.slot == slot]:
+        for request in [r for r in self.requests.values() if slot in dict(r.hops())]:
             self._end(request, error=str(error))
 
     def _on_output(self, stage_id: int, news: StageOutput) -> None:
@@ -341,7 +346,15 @@ class StageManager:
                 self._snapshot(request, stage_id)
             if hands_on:
                 request.kept = kept
-                self._handoffs.append((request, stage_id + 1))
+                self._handoffs.append((request, stage_id + 1, True))
+            elif not news.finished and not last and self._streams_into(stage_id):
+                self._handoffs.append((request, stage_id + 1, False))
+
+    def _streams_into(self, stage_id: int) -> bool:
+        """Whether the stage after ``stage_id`` takes its output while it is made (it reads this stage and
+        ``streams_input``; this stage then reports every step of the requests that stream)."""
+        reader = self.stages[stage_id + 1]
+        return reader.source_stage == stage_id and streams_input(reader)
 
     def _run_handoffs(self) -> None:
         """Feed the requests that finished a stage to the next one; stage-input functions run unlocked."""
@@ -349,7 +362,7 @@ class StageManager:
             with self._lock:
                 if not self._handoffs:
                     return
-                request, stage_id = self._handoffs.popleft()
+                request, stage_id, done = self._handoffs.popleft()
                 hop_id = request.hop_id
                 data = StageInput(request.result.prompt, dict(request.outputs), self.stages[stage_id])
             try:
@@ -358,23 +371,39 @@ class StageManager:
                 prompt, error = None, f"{type(exc).__name__}: {exc}"
             with self._lock:
                 if request.hop_id == hop_id and self.requests.get(request.result.request_id) is request:
-                    self._hand_off(request, stage_id, prompt, error)
+                    self._hand_off(request, stage_id, prompt, error, done)
 
-    def _hand_off(self, request: _Request, stage_id: int, prompt: Any, error: str | None) -> None:
+    def _hand_off(self, request: _Request, stage_id: int, prompt: Any, error: str | None, done: bool) -> None:
+        """Send the request's input to ``stage_id``: the whole (``done``: the stage before finished), or the
+        input so far to a stage that takes it while it is made (an open request, then its extensions)."""
         kept, request.kept = request.kept, []
         forwarded: list[str] = []
         try:
             if error is not None:
                 raise ValueError(error)
-            self._send_add(stage_id, [request], [prompt], forwarded=forwarded)
+            if request.fed is not None:
+                self._extend(request, prompt, done)
+            else:
+                self._send_add(stage_id, [request], [prompt], forwarded=forwarded, open=not done)
         except Exception as exc:
             message = error or f"{type(exc).__name__}: {exc}"
             self._end(request, error=f"{self.stages[stage_id].label}: stage input failed: {message}")
         finally:
             self.running.codec.release([name for name in kept if name not in forwarded])
+        if not done:
+            return
         for source, last_reader in self._last_reader.items():
             if last_reader <= stage_id and not self.stages[source].final_output:
                 request.outputs.pop(source, None)  # handed on for good
+
+    def _extend(self, request: _Request, prompt: Any, done: bool) -> None:
+        """The open request's input so far to the stage it is fed to; once ``done``, that stage is the one
+        serving it."""
+        stage_id, slot, hop_id = request.fed
+        self._send(slot, ExtendRequest(hop_id, prompt, done))
+        if done:
+            self._hops.pop(request.hop_id, None)
+            request.stage, request.slot, request.hop_id, request.fed = stage_id, slot, hop_id, None
 
     def _on_reply(self, slot: int, token: int, value: Any) -> None:
         self._token_slots.pop(token, None)
@@ -397,7 +426,12 @@ class StageManager:
         self._updates.append(dataclasses.replace(result, stage_outputs=outputs, stage_id=stage_id))
 
     def _end(self, request: _Request, stage_id: int | None = None, error: str | None = None) -> None:
-        """The request leaves the pipeline (done, failed or aborted)."""
+        """The request leaves the pipeline (done, failed or aborted: then every stage it is in drops it;
+        the one it failed in has already)."""
+        if error is not None and self.dead is None:
+            for slot, hop_id in request.hops():
+                if slot not in self.dead_replicas:
+                    self._send(slot, AbortRequests([hop_id]))
         self._forget([request.result.request_id])
         self.running.codec.release(request.kept)
         result = request.result
@@ -412,7 +446,8 @@ class StageManager:
         for request_id in request_ids:
             request = self.requests.pop(request_id, None)
             if request is not None:
-                self._hops.pop(request.hop_id, None)
+                for _, hop_id in request.hops():
+                    self._hops.pop(hop_id, None)
 
     # ---- plumbing ----------------------------------------------------------------------------------
     def _send(self, slot: int, message: Any, forwarded: list[str] | None = None) -> None:
@@ -425,9 +460,11 @@ class StageManager:
         prompts: list[Any],
         wait: bool = False,
         forwarded: list[str] | None = None,
+        open: bool = False,
     ) -> list[int]:
         """Send requests to ``stage_id`` under fresh hop ids, each to the live replica with the fewest
-        requests in it; returns the tokens of the replicas' answers (one per replica sent to)."""
+        requests in it; returns the tokens of the replicas' answers (one per replica sent to). ``open``:
+        the prompts are the input so far; the requests stay where they are and are fed (``_Request.fed``)."""
         batches: dict[int, list[StageRequest]] = {}
         live = self._live_slots(stage_id)
         load = collections.Counter(r.slot for r in self.requests.values() if len(live) > 1)  # one: no choice
@@ -435,11 +472,14 @@ class StageManager:
             slot = min(live, key=lambda s: (load[s], s))
             load[request.slot] -= 1
             load[slot] += 1
-            self._hops.pop(request.hop_id, None)
-            request.stage, request.slot = stage_id, slot
-            request.hop_id = f"{request.result.request_id}#{next(self._serial)}"
-            self._hops[request.hop_id] = request.result.request_id
-            item = StageRequest(request.hop_id, prompt, request.params[stage_id])
+            hop_id = f"{request.result.request_id}#{next(self._serial)}"
+            self._hops[hop_id] = request.result.request_id
+            if open:
+                request.fed = (stage_id, slot, hop_id)
+            else:
+                self._hops.pop(request.hop_id, None)
+                request.stage, request.slot, request.hop_id = stage_id, slot, hop_id
+            item = StageRequest(hop_id, prompt, request.params[stage_id], open)
             batches.setdefault(slot, []).append(item)
         tokens = []
         for slot, items in batches.items():

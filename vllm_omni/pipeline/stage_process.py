@@ -33,6 +33,7 @@ from vllm_omni.pipeline.kinds.base import StageEngine, StageKind
 from vllm_omni.pipeline.protocol import (
     AbortRequests,
     AddRequests,
+    ExtendRequest,
     StageFailed,
     StageMessageType,
     StageOutput,
@@ -184,7 +185,7 @@ class StageLoop:
         except queue.Empty:
             return messages
 
-    def _apply(self, message: AddRequests | AbortRequests) -> None:
+    def _apply(self, message: AddRequests | ExtendRequest | AbortRequests) -> None:
         if message.type is StageMessageType.ADD:
             error = None
             try:
@@ -193,10 +194,21 @@ class StageLoop:
             except Exception as exc:
                 error = (type(exc).__name__, str(exc))
             self.send(StageReply(self.stage_id, message.token, error=error))
+        elif message.type is StageMessageType.EXTEND and message.request_id in self.active:
+            try:
+                self.engine.extend(message.request_id, message.prompt, message.done)
+            except Exception as exc:  # the request fails here; the engine keeps serving
+                self._fail(message.request_id, f"{type(exc).__name__}: {exc}")
         elif message.type is StageMessageType.ABORT:
             ids = [request_id for request_id in message.request_ids if request_id in self.active]
             self.active.difference_update(ids)
             self.engine.abort(ids)
+
+    def _fail(self, request_id: str, error: str) -> None:
+        self.active.discard(request_id)
+        self.engine.abort([request_id])
+        self.num_failed_requests += 1
+        self.send(StageOutputs(self.stage_id, [StageOutput(request_id, True, error, self.codec.dumps(None))]))
 
     def _step(self) -> None:
         start = time.perf_counter()

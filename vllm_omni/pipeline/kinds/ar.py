@@ -89,12 +89,13 @@ class ARStageKind(StageKind):
         return params
 
     def prepare_params(self, config: OmniStageConfig, params: Any, route: StageRoute) -> Any:
-        """Stream tokens (each a snapshot) only where someone sees them: when streaming, on a final stage,
-        without prompt hidden states (not the tensor with every token; every position's come once, with
-        the final output, and do not stop streaming). DELTA (each snapshot holds the new tokens
-        only, as vLLM's server streams) only where no later stage needs the whole output. Hidden states:
-        none for a request ``cut_short`` here (they are for the stages it skips), every position's when
-        the reading stage wants them (``all_positions``)."""
+        """Stream tokens (each a snapshot) only where someone sees them: when streaming, on a final stage
+        or one whose reader takes its output while it is made (``streamed_on``), without prompt hidden
+        states (not the tensor with every token; every position's come once, with the final output, and
+        do not stop streaming). DELTA (each snapshot holds the new tokens only, as vLLM's server streams)
+        only where no later stage needs the whole output. Hidden states: none for a request ``cut_short``
+        here (they are for the stages it skips), every position's when the reading stage wants them
+        (``all_positions``)."""
         from vllm.sampling_params import RequestOutputKind
 
         hidden_states = "hidden_states" in config.output_modalities and not route.cut_short
@@ -105,7 +106,8 @@ class ARStageKind(StageKind):
             else:
                 extra_args.pop("prompt_hidden_states", None)
             params.extra_args = extra_args
-        if not route.streaming or not config.final_output or (hidden_states and not route.all_positions):
+        reports_steps = route.streaming and (config.final_output or route.streamed_on)
+        if not reports_steps or (hidden_states and not route.all_positions):
             params.output_kind = RequestOutputKind.FINAL_ONLY
         elif params.output_kind == RequestOutputKind.DELTA and route.handed_on:
             raise ValueError(

@@ -30,6 +30,9 @@ class StageRoute:
     """The route ends here although later stages exist: the request wants none of their outputs."""
     all_positions: bool = False
     """The stage reading this one's hidden states wants every position's, generated ones too."""
+    streamed_on: bool = False
+    """The stage reading this one's output takes it while it is made (``StageKind.streams_input``): this
+    stage reports every step, though not final."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,10 @@ class StageEngine:
     def add_one(self, request: StageRequest) -> None:
         """Validate and queue one request (ValueError naming the field when it is refused)."""
         raise NotImplementedError
+
+    def extend(self, request_id: str, prompt: Any, done: bool) -> None:
+        """An open request's input so far (``StageRequest.open``; ValueError when it is refused)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no streamed input")
 
     def abort(self, request_ids: list[str]) -> None:
         """Drop these requests now, freeing what the engine holds for them."""
@@ -102,6 +109,9 @@ class StageKind:
     """What stages of this kind can produce; the first is a stage's default."""
     input_modalities: tuple[str, ...] = MODALITIES
     """What stages of this kind can consume (``OmniStageConfig.input_modalities`` must be among them)."""
+    streams_input: bool = False
+    """A final stage of this kind takes a streaming request's input while the stage before still makes it
+    (an open request, ``StageEngine.extend``); the stage before then reports every step."""
 
     def check_config(self, config: OmniStageConfig) -> None:
         """Check and normalise the kind's own config fields (ValueError naming the field)."""

@@ -4,7 +4,7 @@ A stage's ``model_path`` is a Qwen2.5-Omni checkpoint folder, its ``engine_args`
 :class:`~vllm_omni.config.code2wav.Code2WavConfig` fields, a prompt is ``{"codes": [codec token ids]}``
 and its params a :class:`~vllm_omni.audio.code2wav_request.Code2WavParams` (voice, seed, ODE steps,
 chunking). The request's audio becomes ``OmniRequestOutput.audio``; when the pipeline streams, each chunk is
-a snapshot.
+a snapshot, and the stage takes the codes while the talker makes them (``streams_input``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class Code2WavStageKind(StageKind):
     name = "code2wav"
     output_modalities = ("audio",)
     input_modalities = ("audio_codes",)
+    streams_input = True
 
     def check_config(self, config: OmniStageConfig) -> None:
         if config.dit_config is not None:
@@ -81,7 +82,10 @@ class Code2WavStageEngine(StageEngine):
         self.engine = Code2WavEngine(config.model_path, Code2WavConfig.from_dict(config.engine_args))
 
     def add_one(self, request: StageRequest) -> None:
-        self.engine.add_request(request.request_id, request.prompt, request.params)
+        self.engine.add_request(request.request_id, request.prompt, request.params, open=request.open)
+
+    def extend(self, request_id: str, prompt: Any, done: bool) -> None:
+        self.engine.extend_request(request_id, prompt, done)
 
     def abort(self, request_ids: list[str]) -> None:
         self.engine.abort_requests(request_ids)
