@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_omni.config.stage import OmniStageConfig
-from vllm_omni.pipeline.kinds import get_stage_kind, streams_input
+from vllm_omni.pipeline.kinds import get_stage_kind
 from vllm_omni.pipeline.kinds.base import StageRoute
 from vllm_omni.pipeline.stage_input import reads_all_positions
 
@@ -28,27 +28,42 @@ def pipeline_params(
     makes one of them.
     """
     end = route_end(stages, modalities)
-    per_stage = []
-    for index, stage in enumerate(stages[: end + 1]):
-        kind = get_stage_kind(stage.engine_type)
+    route = stages[: end + 1]
+    prepared: dict[int, list[Any]] = {}
+    for index in reversed(range(len(route))):  # a stage's route depends on its readers' params
+        stage, kind = route[index], get_stage_kind(route[index].engine_type)
         entries = _per_prompt(_stage_entry(sampling_params, len(stages), index), num_prompts)
-        route = _route(stages[: end + 1], stage, streaming, cut_short=index == end < len(stages) - 1)
         made = [kind.make_params(stage, _with_defaults(stage, entry)) for entry in entries]
-        per_stage.append([kind.prepare_params(stage, params, route) for params in made])
-    return [list(p) for p in zip(*per_stage, strict=True)]
+        cut_short = index == end < len(stages) - 1
+        prepared[index] = [
+            kind.prepare_params(stage, params, _route(route, stage, streaming, cut_short, prepared, prompt))
+            for prompt, params in enumerate(made)
+        ]
+    return [list(p) for p in zip(*(prepared[i] for i in range(len(route))), strict=True)]
 
 
 def _route(
-    route: list[OmniStageConfig], stage: OmniStageConfig, streaming: bool, cut_short: bool
+    route: list[OmniStageConfig],
+    stage: OmniStageConfig,
+    streaming: bool,
+    cut_short: bool,
+    prepared: dict[int, list[Any]],
+    prompt: int,
 ) -> StageRoute:
-    """How a request whose route is ``route`` uses ``stage``."""
+    """How prompt ``prompt``'s request, whose route is ``route``, uses ``stage`` (``prepared``: the params of
+    the later stages)."""
     readers = [s for s in route if s.source_stage == stage.stage_id]
+    streamed_on = [
+        reader.final_output
+        and get_stage_kind(reader.engine_type).takes_input_while_made(prepared[reader.stage_id][prompt])
+        for reader in readers
+    ]
     return StageRoute(
         streaming=streaming,
         handed_on=bool(readers),
         cut_short=cut_short,
         all_positions=any(reads_all_positions(route, reader) for reader in readers),
-        streamed_on=streaming and any(streams_input(reader) for reader in readers),
+        streamed_on=streaming and any(streamed_on),
     )
 
 

@@ -43,7 +43,7 @@ class StageRequest:
     """The stage's params object (``SamplingParams``, ``DiffusionSamplingParams``, ...)."""
     open: bool = False
     """The prompt is the input so far: more comes in :class:`ExtendRequest` messages, while the stage before
-    still makes it (a stage kind that ``streams_input``)."""
+    still makes it (a stage kind that ``takes_input_while_made``)."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from itertools import count
 from typing import Any
 
 from vllm_omni.config.stage import OmniStageConfig
-from vllm_omni.pipeline.kinds import get_stage_kind, streams_input
+from vllm_omni.pipeline.kinds import get_stage_kind
 from vllm_omni.pipeline.launcher import StageLauncher
 from vllm_omni.pipeline.memory_plan import plan_memory
 from vllm_omni.pipeline.outputs import OmniRequestOutput
@@ -67,7 +67,7 @@ class _Request:
     """What the codec kept of the last output to pass on to the next stage (shared-memory segments)."""
     fed: tuple[int, int, str] | None = None
     """(stage, slot, hop id) of the next stage while it takes the request's input as the current stage
-    makes it (``streams_input``: an open request there); None otherwise."""
+    makes it (``takes_input_while_made``: an open request there); None otherwise."""
 
     def hops(self) -> list[tuple[int, str]]:
         """(slot, hop id) of every stage the request is in."""
@@ -347,14 +347,15 @@ class StageManager:
             if hands_on:
                 request.kept = kept
                 self._handoffs.append((request, stage_id + 1, True))
-            elif not news.finished and not last and self._streams_into(stage_id):
+            elif not news.finished and not last and self._streams_into(request, stage_id):
                 self._handoffs.append((request, stage_id + 1, False))
 
-    def _streams_into(self, stage_id: int) -> bool:
-        """Whether the stage after ``stage_id`` takes its output while it is made (it reads this stage and
-        ``streams_input``; this stage then reports every step of the requests that stream)."""
+    def _streams_into(self, request: _Request, stage_id: int) -> bool:
+        """Whether the stage after ``stage_id`` takes the request's output while it is made (it reads this
+        stage and ``takes_input_while_made``; this stage then reports every step of the request)."""
         reader = self.stages[stage_id + 1]
-        return reader.source_stage == stage_id and streams_input(reader)
+        takes = self.kinds[stage_id + 1].takes_input_while_made(request.params[stage_id + 1])
+        return reader.source_stage == stage_id and reader.final_output and takes
 
     def _run_handoffs(self) -> None:
         """Feed the requests that finished a stage to the next one; stage-input functions run unlocked."""

@@ -12,7 +12,6 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from vllm_omni.config.stage import OmniStageConfig
     from vllm_omni.pipeline.kinds.base import StageKind
 
 _KINDS: dict[str, str] = {
@@ -42,9 +41,3 @@ def get_stage_kind(name: str) -> StageKind:
         raise ValueError(f"engine_type must be one of {stage_kind_names()}, got {name!r}")
     module, _, attribute = _KINDS[name].partition(":")
     return getattr(importlib.import_module(module), attribute)
-
-
-def streams_input(stage: OmniStageConfig) -> bool:
-    """Whether ``stage`` takes a streaming request's input while the stage before makes it: a final stage
-    of a kind that ``streams_input``."""
-    return stage.final_output and get_stage_kind(stage.engine_type).streams_input

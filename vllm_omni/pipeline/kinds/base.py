@@ -31,7 +31,7 @@ class StageRoute:
     all_positions: bool = False
     """The stage reading this one's hidden states wants every position's, generated ones too."""
     streamed_on: bool = False
-    """The stage reading this one's output takes it while it is made (``StageKind.streams_input``): this
+    """The stage reading this one's output takes it while it is made (``takes_input_while_made``): this
     stage reports every step, though not final."""
 
 
@@ -109,9 +109,6 @@ class StageKind:
     """What stages of this kind can produce; the first is a stage's default."""
     input_modalities: tuple[str, ...] = MODALITIES
     """What stages of this kind can consume (``OmniStageConfig.input_modalities`` must be among them)."""
-    streams_input: bool = False
-    """A final stage of this kind takes a streaming request's input while the stage before still makes it
-    (an open request, ``StageEngine.extend``); the stage before then reports every step."""
 
     def check_config(self, config: OmniStageConfig) -> None:
         """Check and normalise the kind's own config fields (ValueError naming the field)."""
@@ -129,6 +126,12 @@ class StageKind:
     def prepare_params(self, config: OmniStageConfig, params: Any, route: StageRoute) -> Any:
         """Adjust ``params`` to how the request's route uses the stage."""
         return params
+
+    def takes_input_while_made(self, params: Any) -> bool:
+        """Whether a request with these (prepared) params takes its input while the stage before still
+        makes it (an open request, ``StageEngine.extend``): then that stage reports every step and the
+        manager hands each step's output on. Never, by default."""
+        return False
 
     def check_params(self, limits: Any, params: Any) -> None:
         """Refuse (ValueError naming the field) params the stage with ``limits`` would refuse."""

@@ -4,7 +4,7 @@ A stage's ``model_path`` is a Qwen2.5-Omni checkpoint folder, its ``engine_args`
 :class:`~vllm_omni.config.code2wav.Code2WavConfig` fields, a prompt is ``{"codes": [codec token ids]}``
 and its params a :class:`~vllm_omni.audio.code2wav_request.Code2WavParams` (voice, seed, ODE steps,
 chunking). The request's audio becomes ``OmniRequestOutput.audio``; when the pipeline streams, each chunk is
-a snapshot, and the stage takes the codes while the talker makes them (``streams_input``).
+a snapshot, and the stage takes the codes while the talker makes them (``takes_input_while_made``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ class Code2WavStageKind(StageKind):
     name = "code2wav"
     output_modalities = ("audio",)
     input_modalities = ("audio_codes",)
-    streams_input = True
 
     def check_config(self, config: OmniStageConfig) -> None:
         if config.dit_config is not None:
@@ -52,6 +51,10 @@ class Code2WavStageKind(StageKind):
     ) -> Code2WavParams:
         """Send chunks as they are made only where someone sees them: a final stage of a stream."""
         return dataclasses.replace(params, emit_chunks=route.streaming and config.final_output)
+
+    def takes_input_while_made(self, params: Code2WavParams) -> bool:
+        """A request that sends its chunks as they are made takes the codes as the talker makes them."""
+        return params.emit_chunks and params.chunk_size is not None
 
     def check_params(self, limits: Code2WavLimits, params: Code2WavParams) -> None:
         limits.check_params(params)
