@@ -377,7 +377,9 @@ class StageManager:
     def _hand_off(self, request: _Request, stage_id: int, prompt: Any, error: str | None, done: bool) -> None:
         """Send the request's input to ``stage_id``: the whole (``done``: the stage before finished), or the
         input so far to a stage that takes it while it is made (an open request, then its extensions)."""
-        kept, request.kept = request.kept, []
+        kept: list[str] = []
+        if done:  # the segments the finished output keeps are this hand-off's (none for a partial one)
+            kept, request.kept = request.kept, []
         forwarded: list[str] = []
         try:
             if error is not None:
