@@ -12,7 +12,7 @@ import torch
 from vllm import SamplingParams
 
 from tests.entrypoints.test_hub_model_ids import serve_args
-from tests.models.test_qwen2_5_omni_talker import hf_runs  # noqa: F401  (fixture)
+from tests.models.test_qwen2_5_omni_talker import hand_off, hf_runs, record_generate  # noqa: F401  (fixture)
 from tests.models.test_qwen2_5_omni_tiny import CHATS, VLLM_MEDIA, hf, path, prompts, user  # noqa: F401  (fixtures)
 from vllm_omni import AsyncOmniLLM, OmniLLM
 from vllm_omni.entrypoints.cli.serve import stages_from_args
@@ -107,6 +107,23 @@ def test_image_and_audio_chats_are_spoken_as_transformers_speaks_them(omni, prom
     assert out.error is None and out.audio is not None and len(out.audio) > 0
     assert list(out.stage_outputs[0].outputs[0].token_ids) == hf_runs[name]["output_ids"]
     assert list(out.stage_outputs[1].outputs[0].token_ids) == hf_runs[name]["codes"]
+
+
+VIDEO = (np.random.RandomState(0).rand(2, 56, 56, 3) * 255).astype(np.uint8)  # 2 frames: a 434-token prompt
+
+
+def test_a_video_chat_is_spoken_as_transformers_speaks_it(omni, hf):  # noqa: F811
+    model, processor = hf
+    prompt = processor.apply_chat_template(
+        user("What happens?", {"type": "video"}), add_generation_prompt=True, tokenize=False
+    )
+    inputs = processor(text=prompt, videos=[VIDEO], return_tensors="pt")
+    expected = hand_off(record_generate(model, inputs), inputs.input_ids.shape[1])
+    given = {"prompt": prompt, "multi_modal_data": {"video": VIDEO}, "voice": VOICE}
+    (out,) = omni.generate([given], [THINKER, TALKER, {"seed": SEED}], use_tqdm=False)
+    assert out.error is None and len(out.audio) > 0
+    assert list(out.stage_outputs[0].outputs[0].token_ids) == expected["output_ids"]
+    assert list(out.stage_outputs[1].outputs[0].token_ids) == expected["codes"]
 
 
 def test_a_text_only_request_skips_the_talker_and_code2wav(omni, prompts, reference):  # noqa: F811

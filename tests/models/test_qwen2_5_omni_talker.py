@@ -51,8 +51,9 @@ def hf_runs(path) -> dict[str, dict]:
 
 def record_generate(model, inputs) -> dict:
     """Run ``generate``, keeping what its thinker and talker returned (their ``generate`` wrapped, called
-    through). transformers 5.19's ``generate`` hands its talker the image's ``pixel_values``, which the
-    talker's ``generate`` refuses (ValueError: not used by the model); the wrap leaves them out."""
+    through). transformers 5.19's ``generate`` hands its talker the image's ``pixel_values`` (a video's
+    ``pixel_values_videos``), which the talker's ``generate`` refuses (ValueError: not used by the model);
+    the wrap leaves them out."""
     results = {}
     for part in ("thinker", "talker"):
         stock = getattr(model, part).generate
@@ -60,6 +61,7 @@ def record_generate(model, inputs) -> dict:
         def recording(*args, _part=part, _stock=stock, **kwargs):
             if _part == "talker":
                 kwargs.pop("pixel_values", None)
+                kwargs.pop("pixel_values_videos", None)
             results[_part] = _stock(*args, **kwargs)
             return results[_part]
 
