@@ -104,6 +104,30 @@ def test_a_streamed_answer_sends_text_then_audio_chunks_then_the_finish(client):
     assert len(pcm) > 0 and len(pcm) % (2 * SAMPLES_PER_CODE) == 0
 
 
+def mp4_data_url(frames: np.ndarray, fps: int = 2) -> str:
+    """``frames`` (T, H, W, 3 uint8) as an H.264 MP4 data URL (PyAV)."""
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return f"data:video/mp4;base64,{base64.b64encode(buffer.getvalue()).decode()}"
+
+
+def test_a_video_part_is_answered_in_text_and_speech(client):
+    frames = (np.random.RandomState(0).rand(2, 56, 56, 3) * 255).astype(np.uint8)  # a 434-token prompt
+    video = {"type": "video_url", "video_url": {"url": mp4_data_url(frames)}}
+    messages = [{"role": "user", "content": [video, {"type": "text", "text": "What happens?"}]}]
+    answer = client.chat.completions.create(**{**GREEDY, "messages": messages}, **SPEAK)
+    message = answer.choices[0].message
+    assert answer.usage.prompt_tokens > 100 and message.content  # the video's tokens are in the prompt
+    assert len(base64.b64decode(message.audio.data)) > 0 and message.audio.transcript == message.content
+
+
 BAD_CHATS = [
     ({"modalities": ["text", "audio"], "audio": {"voice": "Nobody", "format": "wav"}}, "audio.voice"),
     ({"modalities": ["text", "audio"], "audio": {"voice": "Ethan", "format": "mp3"}}, "audio.format"),
