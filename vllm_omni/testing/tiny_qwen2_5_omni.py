@@ -36,6 +36,7 @@ TTS_PAD, TTS_TEXT_BOS, TTS_TEXT_EOD = "<|tts_pad|>", "<|tts_text_bos|>", "<|tts_
 VOICES = {"Chelsie": "<|tts_bos_chelsie|>", "Ethan": "<|tts_bos_ethan|>"}
 REFERENCE_MEL_FRAMES = 30  # a voice's reference mel clip (the DiT's speaker encoder pools over its frames)
 TEXT_ROPE = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]}  # 16 = head_dim / 2
+TALKER_ROPE = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 8, 8]}  # 24 = head_dim / 2
 MEL_DIM = 80
 SPEAKER_DIM = 32  # the DiT's enc_emb_dim: the size of a voice's "cond" vector
 
@@ -135,11 +136,12 @@ def thinker_config(tok, media_ids: dict[str, int]) -> dict:
 
 
 def talker_config(tok, media_ids: dict[str, int]) -> dict:
-    """The talker: a 2-layer codec model over the thinker's hidden states (width 64)."""
+    """The talker: a 2-layer codec model over the thinker's hidden states (width 64; heads of 48, not 64 / 2,
+    as the 7B talker's are 128, not 896 / 12)."""
     return dict(
         vocab_size=8448, embedding_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=1024,
-        rope_parameters=TEXT_ROPE, spatial_merge_size=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=48, max_position_embeddings=1024,
+        rope_parameters=TALKER_ROPE, spatial_merge_size=2,
         tts_text_start_token_id=tok.convert_tokens_to_ids(TTS_TEXT_BOS),
         tts_text_end_token_id=tok.convert_tokens_to_ids(TTS_TEXT_EOD),
         tts_text_pad_token_id=tok.convert_tokens_to_ids(TTS_PAD),

@@ -2,9 +2,9 @@
 
 Built from a Qwen2.5-Omni folder: ``talker_hf_config`` (the engine's ``hf_overrides``) makes the folder's
 ``talker_config`` the model config, and the weights are the folder's ``talker.*`` tensors. The decoder is
-vLLM's ``Qwen2Model`` with M-RoPE; the codec embedding is ``embedding_size`` wide (the thinker's width)
-and ``thinker_to_talker_proj`` maps every input row into the decoder, as transformers'
-``Qwen2_5OmniTalkerForConditionalGeneration.forward`` does.
+vLLM's ``Qwen2Model`` with M-RoPE (its layers' attention of the config's ``head_dim``); the codec embedding
+is ``embedding_size`` wide (the thinker's width) and ``thinker_to_talker_proj`` maps every input row into
+the decoder, as transformers' ``Qwen2_5OmniTalkerForConditionalGeneration.forward`` does.
 
 What transformers passes as ``inputs_embeds`` (prompt) and ``thinker_reply_part`` (decode) arrives as
 per-position input extras (``vllm_omni.model_executor.models.input_extras``), ``embedding_size + 1``
@@ -22,11 +22,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from vllm.config import VllmConfig
+from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.interfaces import SupportsMRoPE
-from vllm.model_executor.models.qwen2 import Qwen2Model
+from vllm.model_executor.models.llama import LlamaAttention
+from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2MLP, Qwen2Model
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
+from vllm.transformers_utils.config import set_default_rope_theta
 
 ARCHITECTURE = "Qwen2_5OmniTalkerForConditionalGeneration"
 
@@ -43,6 +46,31 @@ def talker_hf_config(config):
     return talker
 
 
+class TalkerDecoderLayer(nn.Module):
+    """vLLM's Qwen2 decoder layer with attention of the config's ``head_dim``: the 7B talker's (128) is not
+    ``hidden_size / num_attention_heads`` (896 / 12), which vLLM's Qwen2 attention assumes. The attention is
+    vLLM's Llama one, which reads ``head_dim`` from the config (biased q, k, v and unbiased o, as Qwen2's;
+    M-RoPE from ``rope_parameters``); the MLP, norms and ``forward`` are Qwen2's."""
+
+    forward = Qwen2DecoderLayer.forward
+
+    def __init__(self, config, cache_config=None, quant_config=None, prefix: str = "") -> None:
+        super().__init__()
+        set_default_rope_theta(config, default_theta=1000000)
+        self.self_attn = LlamaAttention(
+            config=config, hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads, max_position_embeddings=config.max_position_embeddings,
+            quant_config=quant_config, bias=True, bias_o_proj=False, cache_config=cache_config,
+            prefix=f"{prefix}.self_attn",
+        )  # fmt: skip
+        self.mlp = Qwen2MLP(
+            hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+            hidden_act=config.hidden_act, quant_config=quant_config, prefix=f"{prefix}.mlp",
+        )  # fmt: skip
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
 class Qwen2_5OmniTalkerForConditionalGeneration(nn.Module, SupportsMRoPE):
     """Codec-token decoder over the thinker's states; takes per-position input extras (see module doc)."""
 
@@ -52,12 +80,15 @@ class Qwen2_5OmniTalkerForConditionalGeneration(nn.Module, SupportsMRoPE):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         config = vllm_config.model_config.hf_config
-        _check_head_dim(config)
         self.config = config
         self.input_extras_width = config.embedding_size + 1
         self.codec_bos_token = config.tts_codec_start_token_id
         self.thinker_to_talker_proj = nn.Linear(config.embedding_size, config.hidden_size)
-        self.model = Qwen2Model(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        self.model = Qwen2Model(
+            vllm_config=vllm_config,
+            prefix=maybe_prefix(prefix, "model"),
+            decoder_layer_type=TalkerDecoderLayer,
+        )
         # The codec embedding has the thinker's width, not the decoder's.
         self.model.embed_tokens = VocabParallelEmbedding(
             config.vocab_size, config.embedding_size, prefix=maybe_prefix(prefix, "model.embed_tokens")
@@ -111,14 +142,3 @@ class Qwen2_5OmniTalkerForConditionalGeneration(nn.Module, SupportsMRoPE):
         """The folder's ``talker.*`` tensors (the thinker's and token2wav's are skipped)."""
         talker = ((name, tensor) for name, tensor in weights if name.startswith("talker."))
         return AutoWeightsLoader(self).load_weights(talker, mapper=self.hf_to_vllm_mapper)
-
-
-def _check_head_dim(config) -> None:
-    """vLLM's Qwen2 attention derives head_dim as hidden_size / heads; refuse configs that set another."""
-    derived = config.hidden_size // config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or derived
-    if head_dim != derived or derived * config.num_attention_heads != config.hidden_size:
-        raise ValueError(
-            f"talker_config.head_dim {head_dim} != hidden_size / num_attention_heads "
-            f"({config.hidden_size} / {config.num_attention_heads}); vLLM's Qwen2 attention takes only that"
-        )
