@@ -68,6 +68,10 @@ def test_route_end_is_the_stage_that_completes_the_wanted_outputs():
     (cut,), (whole,) = (pipeline_params([thinker, dit], None, 1, False, m) for m in (["text"], None))
     assert len(cut) == 1 and "prompt_hidden_states" not in (cut[0].extra_args or {})  # nobody reads them
     assert len(whole) == 2 and whole[0].extra_args["prompt_hidden_states"] is True
+    text, image = pipeline_params([thinker, dit], None, 2, False, [["text"], ["image"]])  # one per prompt
+    assert (len(text), len(image)) == (1, 2)
+    with pytest.raises(ValueError, match="modalities has 1 entries for 2 prompts"):
+        pipeline_params([thinker, dit], None, 2, False, [["text"]])
 
 
 def test_the_reader_decides_which_hidden_states_and_defaults_fill_what_a_request_leaves_out():

@@ -127,10 +127,15 @@ def test_a_video_chat_is_spoken_as_transformers_speaks_it(omni, hf):  # noqa: F8
 
 
 def test_a_text_only_request_skips_the_talker_and_code2wav(omni, prompts, reference):  # noqa: F811
-    (out,) = omni.generate([prompts["text"]], THINKER, use_tqdm=False, modalities=["text"])
+    """Per prompt (``return_audio=False`` in transformers' words): one request text only, one with speech."""
+    chats = [prompts["text"], {"prompt": prompts["text"], "voice": VOICE}]
+    out, spoken = omni.generate(
+        chats, [THINKER, TALKER, {"seed": SEED}], False, [["text"], ["text", "audio"]]
+    )
     assert out.error is None and out.stage_id == 0 and out.audio is None
     assert list(out.stage_outputs[0].outputs[0].token_ids) == reference[0]
     assert out.stage_outputs[0].outputs[0].hidden_states is None  # nothing captured for stages it skips
+    np.testing.assert_allclose(spoken.audio, reference[1], atol=1e-5)
 
 
 def test_an_unknown_voice_fails_the_request_naming_voice(omni, prompts):  # noqa: F811

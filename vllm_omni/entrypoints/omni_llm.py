@@ -44,7 +44,7 @@ class OmniLLM:
         prompts: Any,
         sampling_params: Any = None,
         use_tqdm: bool = True,
-        modalities: list[str] | None = None,
+        modalities: list[str] | list[list[str]] | None = None,
     ) -> list[OmniRequestOutput]:
         """Run ``prompts`` (one prompt or a list; a prompt is a string or a dict) through the pipeline.
 
@@ -52,7 +52,8 @@ class OmniLLM:
         entry for every stage; an entry is the stage's params object (``vllm.SamplingParams`` for ``ar``,
         ``DiffusionSamplingParams`` for ``dit``), a dict of its fields, or a list with one per prompt
         (``vllm_omni.entrypoints.omni_params.pipeline_params``).
-        ``modalities``: the outputs wanted (e.g. ``["text"]``; default: every final stage's); the requests
+        ``modalities``: the outputs wanted (e.g. ``["text"]``; default: every final stage's), for every
+        prompt or a list per prompt (e.g. a Qwen2.5-Omni request without audio: ``["text"]``); the requests
         skip the stages after the last one making them (ValueError naming what the pipeline offers).
         Every stage's params are checked before anything runs (ValueError naming the stage and the field).
         A prompt the first stage rejects fails the call (ValueError) and runs nothing; a later stage's

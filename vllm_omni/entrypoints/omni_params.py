@@ -15,7 +15,7 @@ def pipeline_params(
     sampling_params: Any,
     num_prompts: int,
     streaming: bool,
-    modalities: list[str] | None = None,
+    modalities: list[str] | list[list[str]] | None = None,
 ) -> list[list[Any]]:
     """Each prompt's params object per stage of its route.
 
@@ -24,22 +24,35 @@ def pipeline_params(
     per prompt. Each stage's kind builds its params object and adjusts it to how the pipeline runs
     (``streaming``: whether snapshots are wanted while a request runs; e.g. an AR stage then streams its
     tokens only when it is a final stage without hidden states).
-    ``modalities``: the outputs the requests want (``route_end``); the route stops at the last stage that
-    makes one of them.
+    ``modalities``: the outputs the requests want (``route_end``), for all of them or a list per prompt;
+    a request's route stops at the last stage that makes one of them.
     """
+    per_prompt = _listed_per_prompt(modalities)
+    wanted = _per_prompt(modalities, num_prompts, "modalities") if per_prompt else [modalities] * num_prompts
+    entries = [
+        _per_prompt(_stage_entry(sampling_params, len(stages), i), num_prompts) for i in range(len(stages))
+    ]
+    return [
+        _request_params(stages, [stage[p] for stage in entries], streaming, wanted[p])
+        for p in range(num_prompts)
+    ]
+
+
+def _request_params(
+    stages: list[OmniStageConfig], entries: list[Any], streaming: bool, modalities: list[str] | None
+) -> list[Any]:
+    """One request's params per stage of its route (``entries``: its entry per stage)."""
     end = route_end(stages, modalities)
     route = stages[: end + 1]
-    prepared: dict[int, list[Any]] = {}
+    prepared: dict[int, Any] = {}
     for index in reversed(range(len(route))):  # a stage's route depends on its readers' params
         stage, kind = route[index], get_stage_kind(route[index].engine_type)
-        entries = _per_prompt(_stage_entry(sampling_params, len(stages), index), num_prompts)
-        made = [kind.make_params(stage, _with_defaults(stage, entry)) for entry in entries]
+        params = kind.make_params(stage, _with_defaults(stage, entries[index]))
         cut_short = index == end < len(stages) - 1
-        prepared[index] = [
-            kind.prepare_params(stage, params, _route(route, stage, streaming, cut_short, prepared, prompt))
-            for prompt, params in enumerate(made)
-        ]
-    return [list(p) for p in zip(*(prepared[i] for i in range(len(route))), strict=True)]
+        prepared[index] = kind.prepare_params(
+            stage, params, _route(route, stage, streaming, cut_short, prepared)
+        )
+    return [prepared[index] for index in range(len(route))]
 
 
 def _route(
@@ -47,15 +60,13 @@ def _route(
     stage: OmniStageConfig,
     streaming: bool,
     cut_short: bool,
-    prepared: dict[int, list[Any]],
-    prompt: int,
+    prepared: dict[int, Any],
 ) -> StageRoute:
-    """How prompt ``prompt``'s request, whose route is ``route``, uses ``stage`` (``prepared``: the params of
-    the later stages)."""
+    """How a request whose route is ``route`` uses ``stage`` (``prepared``: its later stages' params)."""
     readers = [s for s in route if s.source_stage == stage.stage_id]
     streamed_on = [
         reader.final_output
-        and get_stage_kind(reader.engine_type).takes_input_while_made(prepared[reader.stage_id][prompt])
+        and get_stage_kind(reader.engine_type).takes_input_while_made(prepared[reader.stage_id])
         for reader in readers
     ]
     return StageRoute(
@@ -93,9 +104,18 @@ def _with_defaults(stage: OmniStageConfig, entry: Any) -> Any:
     return {**stage.default_params, **(entry or {})}
 
 
-def _per_prompt(entry: Any, num_prompts: int) -> list[Any]:
+def _listed_per_prompt(modalities: Any) -> bool:
+    """Whether ``modalities`` is a list per prompt (of lists), not one list for all."""
+    return (
+        isinstance(modalities, (list, tuple))
+        and bool(modalities)
+        and isinstance(modalities[0], (list, tuple))
+    )
+
+
+def _per_prompt(entry: Any, num_prompts: int, name: str = "sampling_params") -> list[Any]:
     if isinstance(entry, (list, tuple)):
         if len(entry) != num_prompts:
-            raise ValueError(f"sampling_params has {len(entry)} entries for {num_prompts} prompts")
+            raise ValueError(f"{name} has {len(entry)} entries for {num_prompts} prompts")
         return list(entry)
     return [entry] * num_prompts
