@@ -102,11 +102,10 @@ class Code2WavEngine:
             raise ValueError(f"the stage holds {self.limits.max_num_requests} requests (max_num_requests)")
         generator = torch.Generator().manual_seed(params.seed)
         noise = self.token2wav.noise(self.limits.max_codes if open else len(codes), generator)
-        request = Code2WavRequest(
-            request_id, torch.tensor([codes]), params, noise, self.token2wav.block_codes
+        block_codes = self.token2wav.block_codes
+        self.waiting.append(
+            Code2WavRequest(request_id, torch.tensor([codes]), params, noise, block_codes, not open)
         )
-        request.input_done = not open
-        self.waiting.append(request)
 
     def extend_request(self, request_id: str, prompt: dict, done: bool) -> None:
         """An open request's codes so far (those it had, then new ones); ``done``: all of them."""

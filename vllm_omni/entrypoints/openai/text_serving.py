@@ -128,9 +128,8 @@ class PipelineEngineClient:
         params: list[Any] = [None] * len(omni.stages)
         params[last] = sampling_params
         modalities, deltas = ["text"], None
-        if (
-            answer is not None
-        ):  # the text stage hands its whole output on: streamed cumulative, sent as deltas
+        # With audio the text stage hands its whole output on: streamed cumulative, sent as deltas.
+        if answer is not None:
             prompt = {**prompt, "voice": answer.voice}
             params[audio_stage(omni.stages)] = answer.code2wav_params()
             modalities = ["text", "audio"]
