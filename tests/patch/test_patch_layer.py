@@ -57,6 +57,13 @@ def test_disable_env_turns_the_layer_off():
     assert result.stdout.strip() == "[] [] False importlib", result.stderr
 
 
+def test_a_process_that_imported_vllm_freezes_its_heap_at_exit():
+    # Registered before vLLM is imported, this handler runs after the layer's (atexit: last in, first out).
+    code = "import atexit, gc\natexit.register(lambda: print(gc.get_freeze_count() > 0))\nimport vllm.config"
+    assert run_python(code).stdout.split() == ["True"]
+    assert run_python(code, VLLM_OMNI_DISABLE_PATCHES="1").stdout.split() == ["False"]
+
+
 def test_other_vllm_version_warns_once_and_changes_nothing():
     code = (
         "import vllm.version\n"
@@ -107,3 +114,4 @@ def test_layer_is_active_in_engine_core_and_worker_processes(qwen3_llm):
         assert process["failed"] == [] and process["refused"] is None
     assert "engine_core_patch_report" in report["engine_core"]["applied"]
     assert all("worker_patch_report" in worker["applied"] for worker in report["workers"])
+    assert all("fast_process_exit" in process["applied"] for process in processes)
