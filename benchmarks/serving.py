@@ -9,7 +9,8 @@
    (at most 8). Throughput (images/s) and server / offline, goal >= 0.9x; p50/p99 request latency over
    HTTP; time to the first partial image of streamed requests (``stream``, ``partial_images`` 1), one at a
    time on the idle server. The server and ``OmniLLM`` are both up and take turns (idle, neither
-   computes); each round runs the contenders in a rotated order. The HTTP clients run in this process.
+   computes); each round runs the contenders in a rotated order, after one untimed round of each (warm-
+   up: a first run of 128 over HTTP was 0.8x a later one). The HTTP clients run in this process.
 2. text: the tiny Qwen3 behind ``vllm serve MODEL --omni`` (a pipeline of one ar stage) against stock
    ``vllm serve MODEL``, the same engine flags (ENGINE_FLAGS, VLLM_CPU_KVCACHE_SPACE=1), the load from vLLM's
    own ``vllm bench serve`` (random prompts of --input-len tokens, --output-len tokens each with
@@ -57,7 +58,6 @@ SERVER_ENV = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
 START_TIMEOUT_SECONDS = 300
 STOP_TIMEOUT_SECONDS = 60
 LOG_TAIL_CHARS = 3000
-WARM_UP_REQUESTS = 8
 
 
 # ---- servers ---------------------------------------------------------------------------------------
@@ -198,27 +198,27 @@ def images(args) -> None:
 def image_rounds(omni, url: str, args) -> dict:
     """Throughputs and latencies of each contender per round (warm-ups first). Every request has a prompt
     of its own (its seed is in it): no contender finds another's prompts in the conditioning cache."""
-    first_seeds = itertools.count(0, max(args.image_requests, WARM_UP_REQUESTS))
-    warm_up = with_changes(args, image_requests=WARM_UP_REQUESTS)
-    offline_run(omni, warm_up, next(first_seeds))
-    asyncio.run(http_load(url, warm_up, WARM_UP_REQUESTS, next(first_seeds)))
-    asyncio.run(first_partial(url, args, next(first_seeds)))
+    first_seeds = itertools.count(0, args.image_requests)
     contenders = ["offline", *args.concurrency]
+    for contender in contenders:  # warm-up: each engine sees every batch size its contender makes
+        run_images(omni, url, args, contender, next(first_seeds))
+    asyncio.run(first_partial(url, args, next(first_seeds)))
     results: dict = {c: {"throughput": [], "latencies": []} for c in contenders}
     for round_index in range(args.rounds):
         shift = round_index % len(contenders)
         for contender in contenders[shift:] + contenders[:shift]:
-            if contender == "offline":
-                elapsed = offline_run(omni, args, next(first_seeds))
-            else:
-                elapsed, latencies = asyncio.run(http_load(url, args, contender, next(first_seeds)))
-                results[contender]["latencies"].append(latencies)
+            elapsed, latencies = run_images(omni, url, args, contender, next(first_seeds))
             results[contender]["throughput"].append(args.image_requests / elapsed)
+            if latencies is not None:
+                results[contender]["latencies"].append(latencies)
     return results
 
 
-def with_changes(args, **changes) -> argparse.Namespace:
-    return argparse.Namespace(**{**vars(args), **changes})
+def run_images(omni, url: str, args, contender: str | int, first_seed: int) -> tuple[float, list | None]:
+    """One run of ``contender`` ("offline", or a number of HTTP clients): (seconds, HTTP latencies)."""
+    if contender == "offline":
+        return offline_run(omni, args, first_seed), None
+    return asyncio.run(http_load(url, args, contender, first_seed))
 
 
 def report_images(args, results: dict, ttfp: list[tuple[float, float]]) -> None:
