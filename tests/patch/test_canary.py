@@ -27,6 +27,7 @@ CHAT = "vllm.entrypoints.openai.chat_completion"
 COMPLETION = "vllm.entrypoints.openai.completion"
 PINNED = {
     "importlib.metadata:version": "(distribution_name)",
+    "vllm.utils.gc_utils:freeze_gc_heap": "()",
     "vllm.engine.arg_utils:EngineArgs.add_cli_args": "(parser)",
     "vllm.engine.arg_utils:EngineArgs.create_model_config": "(self)",
     "vllm.engine.arg_utils:EngineArgs.create_engine_config": "(self, usage_context=None, headless=False)",

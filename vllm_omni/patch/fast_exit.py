@@ -11,15 +11,12 @@ survives keeps the finalization's later scans from walking it again (the OS recl
 """
 
 import atexit
-import gc
 from types import ModuleType
 
 
 def freeze_heap_at_exit(_config: ModuleType) -> None:
-    """Registers the exit handler (the registry applies a patch once per process)."""
-    atexit.register(_collect_then_freeze)
+    """Registers vLLM's own ``freeze_gc_heap`` (full collection, then ``gc.freeze()``) to run at exit; the
+    registry applies a patch once per process."""
+    from vllm.utils.gc_utils import freeze_gc_heap
 
-
-def _collect_then_freeze() -> None:
-    gc.collect()
-    gc.freeze()
+    atexit.register(freeze_gc_heap)

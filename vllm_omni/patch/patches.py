@@ -259,6 +259,7 @@ PATCHES: tuple[Patch, ...] = (
         reason="Finalization rescans the ~760k objects a vLLM process holds several times: 2.4 s per "
         "process on CPU, and every LLM shutdown hit the frontend's 5 s force-kill of the EngineCore. "
         "One collection then gc.freeze() at exit, as vLLM 0.32 does for its EngineCore on ROCm.",
+        wraps=("vllm.utils.gc_utils:freeze_gc_heap",),
         vllm_tests=(
             "tests/v1/engine/test_engine_core_shutdown_signal.py",
             "tests/v1/engine/test_llm_engine_finalizer_is_weak.py",
