@@ -15,7 +15,9 @@
    ``vllm serve MODEL``, the same engine flags (ENGINE_FLAGS, VLLM_CPU_KVCACHE_SPACE=1), the load from vLLM's
    own ``vllm bench serve`` (random prompts of --input-len tokens, --output-len tokens each with
    --ignore-eos, at most --text-concurrency in flight: 1 and 16). The servers take turns: start one, bench
-   it, stop it, then the other; rounds alternate which goes first. Output tok/s, req/s, p50/p99 TTFT, p50
+   it (one untimed run at each concurrency first: vLLM's own --num-warmups left either server cold, the
+   first timed run at 16 in flight after one at 1 was 0.5x (stock) and 0.74x (omni) of the next), stop it,
+   then the other; rounds alternate which goes first. Output tok/s, req/s, p50/p99 TTFT, p50
    TPOT, p50/p99 ITL; omni / stock, goal >= 0.97x for throughput. The tiny model computes almost nothing:
    this measures what each server spends per request and per token. A TPOT or ITL near 0 ms means the
    client read a request's tokens in one go (the server wrote them faster than the client read): no
@@ -290,6 +292,8 @@ def text(args) -> None:
             for name in order:
                 with Server(qwen3, *servers[name]) as server:
                     url = server.wait_healthy()
+                    for concurrency in args.text_concurrency:  # warm-up: one untimed run of each
+                        bench_serve(url, qwen3, args, concurrency, Path(tmp) / f"warm-up-{concurrency}.json")
                     for concurrency in args.text_concurrency:
                         result = Path(tmp) / f"{name}-{concurrency}-{round_index}.json"
                         results[name, concurrency].append(bench_serve(url, qwen3, args, concurrency, result))

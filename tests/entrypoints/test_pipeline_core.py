@@ -173,3 +173,27 @@ def test_a_script_without_a_main_guard_runs_a_two_stage_pipeline(tmp_path, how):
                             timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done None [1]" in result.stdout
+
+
+@pytest.mark.parametrize("omp_num_threads", [None, "2"])
+def test_an_in_process_ar_engine_computes_on_the_threads_vllms_cpu_worker_would(omp_num_threads):
+    """vLLM's CPU worker process gets the cores but one (one is reserved for the engine core and the
+    frontend); an ar stage's in-process worker gets as many, unless OMP_NUM_THREADS says otherwise."""
+    code = textwrap.dedent("""
+        import os, torch
+        from vllm_omni.pipeline.kinds.ar import _run_engine_in_process
+        engine_args = {}
+        _run_engine_in_process(engine_args)
+        print(torch.get_num_threads(), engine_args, os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"])
+    """)
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "VLLM_ENABLE_V1_MULTIPROCESSING")
+    }
+    if omp_num_threads is not None:
+        env["OMP_NUM_THREADS"] = omp_num_threads
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = omp_num_threads or str(max(1, len(os.sched_getaffinity(0)) - 1))
+    assert result.stdout.split("\n")[-2] == f"{expected} {{'distributed_executor_backend': 'uni'}} 0"
