@@ -15,9 +15,10 @@
    ``vllm serve MODEL``, the same engine flags (ENGINE_FLAGS, VLLM_CPU_KVCACHE_SPACE=1), the load from vLLM's
    own ``vllm bench serve`` (random prompts of --input-len tokens, --output-len tokens each with
    --ignore-eos, at most --text-concurrency in flight: 1 and 16). The servers take turns: start one, bench
-   it (one untimed run at each concurrency first: vLLM's own --num-warmups left either server cold, the
-   first timed run at 16 in flight after one at 1 was 0.5x (stock) and 0.74x (omni) of the next), stop it,
-   then the other; rounds alternate which goes first. Output tok/s, req/s, p50/p99 TTFT, p50
+   it (one untimed run at each concurrency first: after vLLM's own --num-warmups, omni's first run at 16
+   in flight was 0.74x the next), stop it, then the other; rounds alternate which goes first. Stock vLLM
+   stalls for about 0.7 s in some runs at 16 in flight on 2 cores (p99 TTFT 650-770 ms), with or without
+   the patch layer (docs/features/serving.md). Output tok/s, req/s, p50/p99 TTFT, p50
    TPOT, p50/p99 ITL; omni / stock, goal >= 0.97x for throughput. The tiny model computes almost nothing:
    this measures what each server spends per request and per token. A TPOT or ITL near 0 ms means the
    client read a request's tokens in one go (the server wrote them faster than the client read): no
