@@ -7,7 +7,8 @@ Prints ratios:
   cond-cache  repeated prompts: uncached / cached engine time of the text-encoding set-up
   step-cache  first-block cache: speedup and PSNR (dB) against the uncached images
   compile     compiled blocks (DiTConfig.compile="on") beside diffusers' compile_repeated_blocks(): start-up
-              and its warm-up, the first request after start, then single (compiled vs compiled) and
+              and its warm-up, the first request after start, the transformer alone on one full step's
+              inputs (ours vs diffusers compiled), then single (compiled vs compiled) and
               streams at intervals 0 and 1x with all six contenders: ours, diffusers sequential and
               hand-batched, each eager and compiled (--no-compile skips these)
 
@@ -245,6 +246,7 @@ def compare_compiled(engine: DiffusionEngine, pipe, path: str, args) -> None:
           f"{their_first:.2f}s (then {their_batch:.2f}s for its first batch of {args.batch})")  # fmt: skip
     harness.headline("compiled: warm-up at start, s (ours)", start - eager_start)
     harness.headline("compiled: first request after start, s (ours)", first)
+    compare_forward(ours, theirs, args)
     unit = compare_single(ours, theirs, args, "compiled")
     for interval in (0, 1):
         runs = [stream(e, p, args, interval * unit) for _ in range(args.repeats) for e, p in
@@ -255,6 +257,29 @@ def compare_compiled(engine: DiffusionEngine, pipe, path: str, args) -> None:
               + f"  ours compiled/best diffusers {tp['ours compiled'] / best:.2f}")  # fmt: skip
         harness.headline(f"compiled stream, interval {interval}x: throughput ours compiled / best diffusers",
                          tp["ours compiled"] / best, ">= 1.2")  # fmt: skip
+
+
+def compare_forward(engine: DiffusionEngine, pipe, args) -> None:
+    """The two compiled transformers alone on the same inputs: those of one step of a full batch (``batch``
+    requests, two rows each with guidance), captured from ``engine`` (interleaved forwards, medians)."""
+    transformer = engine.runner.family.transformer
+    call = {}
+    hook = transformer.register_forward_pre_hook(
+        lambda module, a, kw: call.update(args=a, kwargs=kw), with_kwargs=True
+    )
+    drain(engine, args, [(0, seed) for seed in range(args.batch)])  # a burst: every step has every row
+    hook.remove()
+    forwards = {"ours": transformer, "diffusers": pipe.transformer}
+    times = {name: [] for name in forwards}
+    with torch.inference_mode():
+        for _ in range(1 + args.repeats * 3):  # the first round warms up (a new grad mode for diffusers)
+            for name, forward in forwards.items():
+                times[name].append(timed(lambda f=forward: f(*call["args"], **call["kwargs"]))[0])
+    ours, theirs = (float(np.median(t[1:])) for t in times.values())
+    rows = len(next(iter((*call["args"], *call["kwargs"].values()))))  # latents come first (SD3: by name)
+    print(f"compiled    transformer forward, {rows} rows: ours {ours * 1e3:.1f} ms  diffusers "
+          f"{theirs * 1e3:.1f} ms  ratio {ours / theirs:.3f}")  # fmt: skip
+    harness.headline("compiled transformer forward, same inputs: ours / diffusers", ours / theirs)
 
 
 def median_throughputs(runs: list[dict], mode: str) -> dict[str, float]:
