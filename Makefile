@@ -19,9 +19,10 @@ lint: install
 
 # Two pytest workers (pytest-xdist), each taking whole test files (module fixtures start once): run
 # serially, the 2 cores sat 37% idle (spawned vLLM processes import single-threaded); 41-44 min serially,
-# 27-42 min with two workers (docs/testing.md). Line coverage of vllm_omni (every process the tests start, see [tool.coverage] in
-# pyproject.toml) is printed after the tests, then the 25 slowest tests (the suite should stay under ~30
-# min). pytest exits 5 when it collects no test: report it instead of failing. Then every benchmark in quick mode (bench-quick).
+# 27-42 min with two workers (docs/testing.md). Line coverage of vllm_omni (every process the tests
+# start, see [tool.coverage] in pyproject.toml) is printed after the tests, then the 25 slowest tests
+# (the suite should stay under ~30 min). pytest exits 5 when it collects no test: report it instead of
+# failing. Then every benchmark in quick mode (bench-quick).
 test: lint
 	$(PY) -m pytest -n 2 --dist loadfile --cov --cov-report=term --durations=25; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
