@@ -22,6 +22,8 @@ from vllm_omni.v1.engine.diffusion_engine import DiffusionEngine
 
 CAPTIONS = ("a", PROMPTS[1], "word " * 30, "word " * 50, "word " * 90)
 """Captions of 11 to about 200 tokens: Z-Image pads them to 1 to 7 blocks of 32, so each is a new length."""
+WARM_UP_SIZE = {"sd3": 32, "z_image": 16}
+"""The stage's default size (SD3), the smallest image (Z-Image: graphs generic in its token count)."""
 TOLERANCE = 1e-4
 """Largest pixel difference (0..1, float32) called equal; measured ~1e-6 (docs/features/dit_engine.md)."""
 
@@ -105,9 +107,10 @@ def test_compiled_equals_eager_and_padding_keeps_rows(engines):
     """Text-to-image and image-to-image batched (3 rows in a bucket of 4) equal the eager engine's images;
     a request alone equals itself in the padded batch."""
     compiled, eager, log = engines
-    assert "compiled transformer blocks warmed up for batch sizes [1, 2, 4] at 32x32 in" in log
-    assert compiled.runner.compiled is not None
     family = compiled.runner.family.name
+    size = WARM_UP_SIZE[family]
+    assert f"compiled transformer blocks warmed up for batch sizes [1, 2, 4] at {size}x{size} in" in log
+    assert compiled.runner.compiled is not None
     batch = requests(family)
     ours, theirs = serve(compiled, batch), serve(eager, batch)
     for request_id, image in theirs.items():
@@ -134,7 +137,8 @@ def test_step_cache_on_compiled_blocks():
 def test_new_caption_lengths_compile_no_new_graph(engines):
     """After the warm-up, captions of new lengths, alone (guided or not) and batched together (rows of
     different lengths: an attention mask), compile no new graph, and equal the eager engine's images.
-    Z-Image's caption length changes its blocks' sequence length; SD3 pads every caption to one length."""
+    Z-Image's caption length changes its blocks' sequence length, and so does the image size (warmed up at
+    16x16, served at 32x32); SD3 pads every caption to one length."""
     compiled, eager, _ = engines
     guidance = GUIDANCE[compiled.runner.family.name]
 

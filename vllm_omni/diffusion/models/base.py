@@ -144,6 +144,13 @@ class DiTFamily:
         """Largest image height and width the model takes; None: no limit of its own."""
         return None
 
+    @property
+    def warm_up_size(self) -> int | None:
+        """Image height and width the compile warm-up runs at; None: the stage's default size. Where the
+        first size compiles graphs static in it (dynamo's automatic dynamic shapes), that should be the size
+        most requests ask for."""
+        return None
+
     def compiled_block_args(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """A compiled block's arguments as its graphs take them, after batch padding (default: as given).
         A family whose block inputs change shape or kind from request to request makes them uniform here,

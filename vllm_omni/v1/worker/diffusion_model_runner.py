@@ -97,12 +97,16 @@ class OmniDiffusionModelRunner:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Compile the blocks for every bucket now (one forward per batch size at the stage's default image
-        size), logging the time; where compiling fails, run the blocks eagerly and warn."""
+        """Compile the blocks for every bucket now (one forward per batch size at the family's warm-up size,
+        else the stage's default image size), logging the time; where compiling fails, run the blocks eagerly
+        and warn."""
         if self.compiled is None:
             return
         started = time.monotonic()
-        params = DiffusionSamplingParams(num_inference_steps=1, guidance_scale=0.0, seed=0)
+        size = self.family.warm_up_size
+        params = DiffusionSamplingParams(
+            height=size, width=size, num_inference_steps=1, guidance_scale=0.0, seed=0
+        )
         request = self.make_request("warm-up", "", params)
         state = self.family.prepare(request, *self._conditioning_of(request, self._conditioning([""])))
         try:
