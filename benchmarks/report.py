@@ -38,8 +38,8 @@ class Benchmark:
     what: str
     args: tuple[str, ...] = ()
     """Both runs'."""
-    quick_args: tuple[str, ...] = ("--quick",)
-    """The quick run's, after ``args``."""
+    quick_args: tuple[str, ...] | None = ("--quick",)
+    """The quick run's, after ``args``; None: no quick run of its own (another entry's runs the same)."""
 
 
 BENCHMARKS = (
@@ -47,6 +47,10 @@ BENCHMARKS = (
     Benchmark("dit_engine_sd3", "dit_engine.py", "DiT engine vs diffusers: latency, streams, caches",
               ("--family", "sd3")),
     Benchmark("dit_engine_z_image", "dit_engine.py", "the same for Z-Image", ("--family", "z_image")),
+    Benchmark("dit_engine_sd3_128", "dit_engine.py", "DiT engine vs diffusers at 128 px (SD3)",
+              ("--family", "sd3", "--size", "128"), quick_args=None),
+    Benchmark("dit_engine_z_image_128", "dit_engine.py", "DiT engine vs diffusers at 128 px (Z-Image)",
+              ("--family", "z_image", "--size", "128"), quick_args=None),
     Benchmark("dit_gpu_check", "gpu/dit_gpu_check.py",
               "DiT engine on a CUDA GPU: parity, speed, memory (quick: its CPU smoke run)",
               quick_args=("--quick", "--cpu-smoke")),
@@ -80,7 +84,7 @@ def run(benchmark: Benchmark, quick: bool) -> tuple[int, str, float]:
 def run_quick(benchmarks: list[Benchmark]) -> None:
     """Each benchmark's quick run in turn; exits 1 at the first that fails or prints no headline."""
     seconds = {}
-    for benchmark in benchmarks:
+    for benchmark in (b for b in benchmarks if b.quick_args is not None):
         status, output, seconds[benchmark.name] = run(benchmark, quick=True)
         if status != 0 or not harness.read_results(output)[1]:
             why = f"exited with {status}" if status else "printed no headline (bench-result line)"

@@ -12,10 +12,10 @@ The batch dimension is marked static; other dimensions follow dynamo's automatic
 shape compiles a static graph per bucket, a second one a graph generic in those dimensions, which serves
 every later shape) unless the family makes them uniform first (its ``compiled_block_args``, applied after
 padding): Z-Image's token count changes with every caption length, so its blocks get a sequence dimension
-marked dynamic from the first compile and always an attention mask, and the warm-up's graphs serve every
-caption and image size. Installed by setting each block's ``forward``
-(the module tree and the weights stay as loaded), so the step cache, which calls blocks one by one on a
-subset of rows, gets buckets too.
+marked dynamic from the first compile, and the warm-up's graphs (with an attention mask and without) serve
+every caption and image size. Installed by setting each block's ``forward`` (the module tree and the
+weights stay as loaded), so the step cache, which calls blocks one by one on a subset of rows, gets buckets
+too.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ PrepareArgs = Callable[[tuple, dict], tuple[tuple, dict]]
 GRAPHS_PER_BUCKET = 8
 """Graphs one block's code may compile per bucket before dynamo stops compiling it: block variants (SD3's
 last block differs, Z-Image's context refiner has no modulation) x a static and a shape-generic graph x an
-attention mask or none (Z-Image: one generic graph with a mask per variant)."""
+attention mask or none (Z-Image: generic graphs only, with and without a mask per variant)."""
 
 
 def batch_buckets(max_rows: int) -> tuple[int, ...]:

@@ -144,6 +144,10 @@ class DiTFamily:
         """Largest image height and width the model takes; None: no limit of its own."""
         return None
 
+    warm_up_captions: tuple[str, ...] = ("",)
+    """Captions of the compile warm-up's requests: each bucket runs a batch of the first, then one ending in
+    each other caption (a family whose graphs differ for rows of mixed caption lengths names a long one)."""
+
     @property
     def warm_up_size(self) -> int | None:
         """Image height and width the compile warm-up runs at; None: the stage's default size. Where the

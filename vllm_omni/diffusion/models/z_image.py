@@ -28,6 +28,7 @@ class ZImageFamily(DiTFamily):
     blocks_attr = "layers"
     compiled_block_lists = ("noise_refiner", "context_refiner", "layers")
     embeds_as_list = True
+    warm_up_captions = ("", "warm up " * 24)  # 32 and 64 tokens padded: the blocks' masked graphs too
 
     @property
     def size_factor(self) -> int:
@@ -45,15 +46,15 @@ class ZImageFamily(DiTFamily):
         return 4 * self.size_factor
 
     def compiled_block_args(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """``(x, attn_mask, freqs_cis, ...)`` with a mask always (all true where the transformer passes None:
-        every row as long as the longest) and the sequence dimension of the three dynamic: caption lengths
-        and image sizes change the token count (in steps of 32) but not the graph."""
+        """``(x, attn_mask, freqs_cis, ...)`` with the sequence dimension dynamic: caption lengths and image
+        sizes change the token count (in steps of 32) but not the graph. The mask stays None where the
+        transformer passes none (rows of one length), so attention can take SDPA's flash kernel on CUDA;
+        the graphs with and without a mask are both warmed up (``warm_up_captions``)."""
         x, attn_mask, freqs_cis, *rest = args
-        if attn_mask is None:
-            attn_mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         freqs_cis = freqs_cis.contiguous()  # a slice of a longer rotary table, for captions
         for tensor in (x, attn_mask, freqs_cis):
-            torch._dynamo.maybe_mark_dynamic(tensor, 1)
+            if tensor is not None:
+                torch._dynamo.maybe_mark_dynamic(tensor, 1)
         return (x, attn_mask, freqs_cis, *rest), kwargs
 
     def guidance_on(self, guidance_scale: float) -> bool:

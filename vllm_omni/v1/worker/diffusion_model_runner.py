@@ -97,21 +97,24 @@ class OmniDiffusionModelRunner:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Compile the blocks for every bucket now (one forward per batch size at the family's warm-up size,
-        else the stage's default image size), logging the time; where compiling fails, run the blocks eagerly
-        and warn."""
+        """Compile the blocks for every bucket now (forwards of each batch size at the family's warm-up size,
+        else the stage's default image size, with its warm-up captions), logging the time; where compiling
+        fails, run the blocks eagerly and warn."""
         if self.compiled is None:
             return
-        started = time.monotonic()
-        size = self.family.warm_up_size
+        started, family = time.monotonic(), self.family
+        size = family.warm_up_size
         params = DiffusionSamplingParams(
             height=size, width=size, num_inference_steps=1, guidance_scale=0.0, seed=0
         )
-        request = self.make_request("warm-up", "", params)
-        state = self.family.prepare(request, *self._conditioning_of(request, self._conditioning([""])))
+        captions = family.warm_up_captions
+        conditioning = self._conditioning(list(captions))
+        requests = [self.make_request("warm-up", caption, params) for caption in captions]
+        first, *others = [family.prepare(r, *self._conditioning_of(r, conditioning)) for r in requests]
         try:
             for size in self.compiled.buckets:
-                self.family.predict([state] * size)
+                for batch in _warm_up_batches(first, others, size):
+                    family.predict(batch)
         except Exception as exc:  # no C++ compiler, an op inductor cannot lower, ...
             self.compiled.disable()
             self.compiled = None
@@ -119,7 +122,7 @@ class OmniDiffusionModelRunner:
                            type(exc).__name__, exc)  # fmt: skip
             return
         logger.info("DiT stage: compiled transformer blocks warmed up for batch sizes %s at %dx%d in %.1f s "
-                    "(inductor cache %s)", list(self.compiled.buckets), request.width, request.height,
+                    "(inductor cache %s)", list(self.compiled.buckets), requests[0].width, requests[0].height,
                     time.monotonic() - started, inductor_cache_dir())  # fmt: skip
 
     # ---- validation --------------------------------------------------------------------------------
@@ -306,6 +309,11 @@ class OmniDiffusionModelRunner:
     def running_bytes(self) -> int:
         """Bytes held by the denoising states of the running batch."""
         return sum(s.nbytes() for s in self.states.values())
+
+
+def _warm_up_batches(first: DenoiseState, others: list[DenoiseState], size: int) -> list[list[DenoiseState]]:
+    """``size`` rows of ``first``, then, from 2 rows, ``first`` rows ending in each of ``others``."""
+    return [[first] * size] + [[first] * (size - 1) + [other] for other in others if size > 1]
 
 
 def _preview_index(state: DenoiseState) -> int | None:
