@@ -112,8 +112,8 @@ class OmniDiffusionModelRunner:
         requests = [self.make_request("warm-up", caption, params) for caption in captions]
         first, *others = [family.prepare(r, *self._conditioning_of(r, conditioning)) for r in requests]
         try:
-            for size in self.compiled.buckets:
-                for batch in _warm_up_batches(first, others, size):
+            for rows in self.compiled.buckets:
+                for batch in _warm_up_batches(first, others, rows):
                     family.predict(batch)
         except Exception as exc:  # no C++ compiler, an op inductor cannot lower, ...
             self.compiled.disable()
@@ -311,9 +311,9 @@ class OmniDiffusionModelRunner:
         return sum(s.nbytes() for s in self.states.values())
 
 
-def _warm_up_batches(first: DenoiseState, others: list[DenoiseState], size: int) -> list[list[DenoiseState]]:
-    """``size`` rows of ``first``, then, from 2 rows, ``first`` rows ending in each of ``others``."""
-    return [[first] * size] + [[first] * (size - 1) + [other] for other in others if size > 1]
+def _warm_up_batches(first: DenoiseState, others: list[DenoiseState], rows: int) -> list[list[DenoiseState]]:
+    """``rows`` rows of ``first``, then, from 2 rows, ``first`` rows ending in each of ``others``."""
+    return [[first] * rows] + [[first] * (rows - 1) + [other] for other in others if rows > 1]
 
 
 def _preview_index(state: DenoiseState) -> int | None:
